@@ -1,0 +1,119 @@
+"""The Celery app: queues, routes, at-least-once settings and the beat schedule.
+
+`celery -A config worker` finds `app` here. Task code lives in `tasks/`; this module
+only says how messages travel.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from celery.signals import setup_logging, worker_process_init, worker_process_shutdown
+from kombu import Exchange, Queue
+
+from config.settings import get_settings
+from worker.contract import (
+    BACKUP_QUEUE,
+    BACKUP_TASK,
+    CANCEL_TASK,
+    ENQUEUE_TASK,
+    INTAKE_QUEUE,
+    MAINTENANCE_QUEUE,
+    NOTIFY_TASK,
+    QUEUES,
+    RETRY_QUEUE,
+    RETRY_TASK,
+    SEND_QUEUE,
+    SEND_TASK,
+    SWEEP_TASK,
+    WAKE_ACCOUNT_TASK,
+)
+
+__all__ = ["BACKUP_QUEUE", "MAINTENANCE_QUEUE", "QUEUES", "RETRY_QUEUE", "SEND_QUEUE", "app"]
+
+
+settings = get_settings()
+
+app = Celery(
+    "outbox",
+    include=["tasks.delivery", "tasks.intake", "tasks.maintenance", "tasks.operator"],
+)
+app.conf.update(
+    broker_url=settings.broker_url,
+    result_backend=settings.result_backend,
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
+    timezone="UTC",
+    enable_utc=True,
+    # Each queue has its own direct exchange and routing key. (A bare Queue(name) would
+    # bind every queue to the default queue's exchange and key: one publish, four copies.)
+    task_queues=[Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES],
+    task_default_exchange=SEND_QUEUE,
+    task_default_routing_key=SEND_QUEUE,
+    task_default_queue=SEND_QUEUE,
+    task_routes={
+        SEND_TASK: {"queue": SEND_QUEUE},
+        ENQUEUE_TASK: {"queue": INTAKE_QUEUE},
+        BACKUP_TASK: {"queue": BACKUP_QUEUE},
+        SWEEP_TASK: {"queue": MAINTENANCE_QUEUE},
+        NOTIFY_TASK: {"queue": MAINTENANCE_QUEUE},
+        WAKE_ACCOUNT_TASK: {"queue": MAINTENANCE_QUEUE},
+        RETRY_TASK: {"queue": MAINTENANCE_QUEUE},
+        CANCEL_TASK: {"queue": MAINTENANCE_QUEUE},
+    },
+    # At-least-once: ack after the task ran, and give the message back if the child
+    # process died under it. The database claim makes the second run a no-op.
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    # Tasks are short (one claim, one SMTP exchange, one record): a small prefetch
+    # keeps the pipe full without hoarding messages in a worker that may die.
+    worker_prefetch_multiplier=4,
+    # Countdowns are kept short (OUTBOX_COUNTDOWN_MAX); this caps what a worker holds
+    # in memory even if many are due at once.
+    worker_eta_task_limit=1000,
+    task_ignore_result=True,
+    result_expires=7 * 24 * 3600,
+    # Flower needs events to show tasks and export metrics.
+    worker_send_task_events=True,
+    task_send_sent_event=True,
+    # Warm shutdown: finish what runs, give back what waits.
+    worker_enable_soft_shutdown_on_idle=True,
+    worker_soft_shutdown_timeout=10.0,
+    broker_connection_retry_on_startup=True,
+    worker_hijack_root_logger=False,
+    beat_schedule={
+        SWEEP_TASK: {
+            "task": SWEEP_TASK,
+            "schedule": settings.sweep_interval_s,
+            "options": {"queue": MAINTENANCE_QUEUE, "expires": settings.sweep_interval_s},
+        },
+    },
+)
+if settings.broker_url.startswith(("redis", "rediss")):
+    # Our countdowns stay well under this (OUTBOX_COUNTDOWN_MAX), so Redis never
+    # redelivers a waiting retry; longer waits are parked in the database.
+    app.conf.broker_transport_options = {"visibility_timeout": 3600}
+    app.conf.result_backend_transport_options = {"retry_policy": {"timeout": 5.0}}
+
+
+@setup_logging.connect
+def _logging(loglevel: str | int | None = None, **_: object) -> None:
+    """Our formatter (JSON with OUTBOX_LOG_JSON=1) instead of Celery's."""
+    from config.logging import configure_logging
+
+    configure_logging(json_lines=settings.log_json, level=loglevel or "INFO")
+
+
+@worker_process_init.connect
+def _after_fork(**_: object) -> None:
+    """Pools must not cross fork(): each child gets its own connections."""
+    from tasks.runtime import reset_after_fork
+
+    reset_after_fork()
+
+
+@worker_process_shutdown.connect
+def _on_shutdown(**_: object) -> None:
+    from tasks.runtime import shutdown
+
+    shutdown()

@@ -1,0 +1,127 @@
+"""Shared fixtures: real PostgreSQL databases, Redis, SMTP and worker processes.
+
+Integration tests need the services this machine runs (PostgreSQL on 127.0.0.1:5432,
+Redis on 127.0.0.1:6379); `.ci/run` starts them when they are down.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from config.settings import Settings
+from tests.support.services import (
+    TEST_SECRET_KEY,
+    OutboxProcess,
+    create_pg_database,
+    flush_redis,
+    outbox_worker,
+    redis_db_url,
+)
+from worker.client import Outbox, broker_waker
+from worker.crypto import SecretBox
+from worker.intake import Limits
+from worker.store import migrate
+from worker.store.db import Database
+
+pytest_plugins = ["tests.support.fixtures_smtp", "tests.support.fixtures_backup"]
+
+#: Redis db numbers the tests use as broker (flushed before each use).
+REDIS_TEST_DB = int(os.environ.get("OUTBOX_TEST_REDIS_DB", "11"))
+
+TABLES = ("attempts", "attachments", "incidents", "smtp_slots", "messages", "accounts")
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test session, migrated to head."""
+    url, drop = create_pg_database()
+    migrate.upgrade(url)
+    yield url
+    drop()
+
+
+@pytest.fixture(scope="session")
+def pg_db(pg_url: str) -> Iterator[Database]:
+    db = Database(pg_url)
+    yield db
+    db.dispose()
+
+
+@pytest.fixture
+def db(pg_db: Database) -> Database:
+    """The session database, emptied before the test."""
+    with pg_db.engine.begin() as conn:
+        conn.execute(text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"))
+    return pg_db
+
+
+@pytest.fixture
+def redis_url() -> str:
+    url = redis_db_url(REDIS_TEST_DB)
+    flush_redis(url)
+    return url
+
+
+@pytest.fixture
+def box() -> SecretBox:
+    return SecretBox([TEST_SECRET_KEY])
+
+
+@dataclass
+class Env:
+    """Environment for Outbox processes in one test; tests tweak it before starting them."""
+
+    values: dict[str, str]
+    tmp: Path
+
+    def settings(self) -> Settings:
+        return Settings.from_env(self.values)
+
+    def client(self, db: Database) -> Outbox:
+        s = self.settings()
+        return Outbox(
+            db,
+            limits=Limits(max_message_bytes=s.max_message_bytes, max_recipients=s.max_recipients),
+            window_s=s.retry_window_s,
+            wake_grace_s=s.wake_grace_s,
+            wake=broker_waker(s.broker_url),
+        )
+
+
+@pytest.fixture
+def env(pg_url: str, redis_url: str, tmp_path: Path, db: Database) -> Env:
+    return Env(
+        values={
+            "OUTBOX_DATABASE_URL": pg_url,
+            "OUTBOX_BROKER_URL": redis_url,
+            "OUTBOX_RESULT_BACKEND": redis_url,
+            "OUTBOX_SECRET_KEY": TEST_SECRET_KEY,
+            "OUTBOX_VAR_DIR": str(tmp_path / "var"),
+            "OUTBOX_SMTP_TIMEOUT": "5",
+            "OUTBOX_LEASE": "30",
+        },
+        tmp=tmp_path,
+    )
+
+
+@pytest.fixture
+def start_worker(env: Env) -> Iterator:
+    """Start real `outbox worker` processes with the test's environment; stopped after."""
+    started: list[OutboxProcess] = []
+
+    def start(*, concurrency: int = 2, beat: bool = False, name: str = "worker") -> OutboxProcess:
+        proc = outbox_worker(
+            env.values, env.tmp / f"{name}-{len(started)}.log", concurrency=concurrency, beat=beat
+        )
+        started.append(proc)
+        return proc.start()
+
+    yield start
+    for proc in started:
+        proc.stop()

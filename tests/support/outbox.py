@@ -1,0 +1,92 @@
+"""Small helpers tests use to arrange accounts and read back what Outbox recorded."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import func, select
+
+from tests.support.services import wait_until
+from worker.clock import utcnow
+from worker.crypto import SecretBox
+from worker.store.accounts import AccountChanges, save_account
+from worker.store.db import Database
+from worker.store.models import Attempt, Message
+
+
+def make_account(
+    db: Database, box: SecretBox, name: str, *, host: str = "127.0.0.1", port: int, **changes: Any
+) -> int:
+    changes.setdefault("from_addr", f"{name.title()} <noreply@{name}.example.com>")
+    with db.session() as session:
+        saved = save_account(
+            session,
+            name,
+            AccountChanges(smtp_host=host, smtp_port=port, **changes),
+            box=box,
+            default_max_connections=2,
+            now=utcnow(),
+        )
+    return saved.account_id
+
+
+def update_account(db: Database, box: SecretBox, name: str, **changes: Any) -> Any:
+    with db.session() as session:
+        return save_account(
+            session,
+            name,
+            AccountChanges(**changes),
+            box=box,
+            default_max_connections=2,
+            now=utcnow(),
+        )
+
+
+def message(db: Database, message_id: int) -> Message:
+    with db.session() as session:
+        row = session.get(Message, message_id)
+        assert row is not None
+        session.expunge(row)
+        return row
+
+
+def status(db: Database, message_id: int) -> str:
+    with db.session() as session:
+        return session.scalar(select(Message.status).where(Message.id == message_id)) or "missing"
+
+
+def attempts(db: Database, message_id: int) -> list[Attempt]:
+    with db.session() as session:
+        rows = list(
+            session.scalars(
+                select(Attempt).where(Attempt.message_id == message_id).order_by(Attempt.number)
+            )
+        )
+        for row in rows:
+            session.expunge(row)
+        return rows
+
+
+def count_messages(db: Database) -> int:
+    with db.session() as session:
+        return session.scalar(select(func.count()).select_from(Message)) or 0
+
+
+def wait_for_status(
+    db: Database, message_id: int, wanted: str | tuple[str, ...], *, timeout: float = 20.0
+) -> str:
+    wanted = (wanted,) if isinstance(wanted, str) else wanted
+    wait_until(
+        lambda: status(db, message_id) in wanted,
+        timeout=timeout,
+        message=f"message {message_id} to be {wanted} (is {status(db, message_id)})",
+    )
+    return status(db, message_id)
+
+
+def wait_for_attempts(db: Database, message_id: int, n: int, *, timeout: float = 20.0) -> None:
+    wait_until(
+        lambda: len(attempts(db, message_id)) >= n,
+        timeout=timeout,
+        message=f"{n} attempts of message {message_id}",
+    )

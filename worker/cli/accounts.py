@@ -1,0 +1,267 @@
+"""`outbox account set|show|list|test`."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from worker.cli.common import (
+    EXIT_REFUSED,
+    Context,
+    ago,
+    emit_json,
+    fail,
+    pairs,
+    pass_ctx,
+    table,
+)
+
+
+@click.group("account")
+def account_group() -> None:
+    """Accounts: each one's own SMTP server."""
+
+
+@account_group.command("set")
+@click.argument("name")
+@click.option("--host", help="SMTP server host name.")
+@click.option("--port", type=int, help="SMTP port (587 for starttls, 465 for tls).")
+@click.option("--username", help="SMTP AUTH user; empty string to remove.")
+@click.option("--password-stdin", is_flag=True, help="Read the SMTP password from stdin.")
+@click.option("--tls", type=click.Choice(["starttls", "tls", "none"]), help="TLS mode.")
+@click.option(
+    "--allow-plaintext/--no-allow-plaintext",
+    default=None,
+    help="Permit --tls none to a non-loopback host.",
+)
+@click.option(
+    "--ca-file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="PEM file of a private CA to trust for this relay.",
+)
+@click.option("--from", "from_addr", help="Default From address.")
+@click.option("--notify-email", help="Where incident notices are emailed.")
+@click.option("--notify-webhook", help="URL that receives incident notices as JSON POSTs.")
+@click.option("--max-connections", type=int, help="Concurrent SMTP connections, all workers.")
+@click.option(
+    "--backup-verified/--no-backup-verified",
+    default=None,
+    help="The From domain is verified at the backup provider.",
+)
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def account_set(
+    ctx: Context,
+    name: str,
+    host: str | None,
+    port: int | None,
+    username: str | None,
+    password_stdin: bool,
+    tls: str | None,
+    allow_plaintext: bool | None,
+    ca_file: str | None,
+    from_addr: str | None,
+    notify_email: str | None,
+    notify_webhook: str | None,
+    max_connections: int | None,
+    backup_verified: bool | None,
+    as_json: bool,
+) -> None:
+    """Create account NAME, or change only the options given on an existing one.
+
+    Changing SMTP settings sends the account's pending mail at once.
+    """
+    from worker.intake import InvalidRequest
+    from worker.store.accounts import AccountChanges, save_account
+    from worker.store.messages import due_of_account
+
+    password = None
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    ca_pem = None
+    if ca_file:
+        with open(ca_file) as f:
+            ca_pem = f.read()
+    changes = AccountChanges(
+        smtp_host=host,
+        smtp_port=port,
+        smtp_username=username,
+        password=password,
+        tls_mode=tls,
+        allow_plaintext=allow_plaintext,
+        ca_pem=ca_pem,
+        from_addr=from_addr,
+        notify_email=notify_email,
+        notify_webhook=notify_webhook,
+        max_connections=max_connections,
+        backup_verified=backup_verified,
+    )
+    ctx.ensure_schema()
+    from worker.clock import utcnow
+
+    now = utcnow()
+    try:
+        with ctx.db.session() as session:
+            saved = save_account(
+                session,
+                name,
+                changes,
+                box=ctx.box,
+                default_max_connections=ctx.settings.default_max_connections,
+                now=now,
+            )
+            due = due_of_account(session, saved.account_id, now=now) if saved.smtp_changed else []
+    except InvalidRequest as exc:
+        fail(str(exc), as_json=as_json)
+    woken = 0
+    if due:
+        wake = ctx.waker()
+        for mid in due:
+            wake(mid)
+            woken += 1
+    result = {
+        "account": name,
+        "created": saved.created,
+        "smtp_changed": saved.smtp_changed,
+        "pending_sent_now": woken,
+    }
+    if as_json:
+        emit_json(result)
+    else:
+        verb = "created" if saved.created else "updated"
+        click.echo(
+            f"account {name} {verb}"
+            + (f"; {woken} pending message(s) are being sent now" if woken else "")
+        )
+
+
+@account_group.command("show")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def account_show(ctx: Context, name: str, as_json: bool) -> None:
+    """Settings (never the password) and health of one account."""
+    from worker.clock import utcnow
+    from worker.store.accounts import account_summary, get_account
+
+    with ctx.db.session() as session:
+        account = get_account(session, name)
+        if account is None:
+            fail(f"no account named {name!r}", as_json=as_json)
+        summary = account_summary(session, account, now=utcnow())
+    if as_json:
+        emit_json(summary)
+        return
+    rows = [(k, v) for k, v in summary.items() if k not in ("messages", "incident")]
+    rows.append(("messages", ", ".join(f"{k} {v}" for k, v in summary["messages"].items())))
+    incident = summary["incident"]
+    rows.append(
+        (
+            "incident",
+            "none"
+            if incident is None
+            else f"open since {incident['opened_at']}: {incident['reason']} "
+            f"(last reply: {incident['last_reply']})",
+        )
+    )
+    pairs(f"account {name}", rows)
+
+
+@account_group.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def account_list(ctx: Context, as_json: bool) -> None:
+    """All accounts."""
+    from sqlalchemy import select
+
+    from worker.store.models import Account, Incident
+
+    with ctx.db.session() as session:
+        open_incidents = set(
+            session.scalars(select(Incident.account_id).where(Incident.closed_at.is_(None)))
+        )
+        rows = [
+            {
+                "name": a.name,
+                "host": a.smtp_host,
+                "port": a.smtp_port,
+                "tls": a.tls_mode,
+                "username": a.smtp_username,
+                "from": a.from_addr,
+                "max_connections": a.max_connections,
+                "incident": a.id in open_incidents,
+                "updated_at": a.updated_at,
+            }
+            for a in session.scalars(select(Account).order_by(Account.name))
+        ]
+    if as_json:
+        emit_json(rows)
+        return
+    table(
+        "accounts",
+        ["name", "server", "tls", "user", "from", "conns", "incident", "updated"],
+        [
+            [
+                r["name"],
+                f"{r['host']}:{r['port']}",
+                r["tls"],
+                r["username"],
+                r["from"],
+                r["max_connections"],
+                "OPEN" if r["incident"] else "",
+                ago(r["updated_at"]),
+            ]
+            for r in rows
+        ],
+    )
+
+
+@account_group.command("test")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def account_test(ctx: Context, name: str, as_json: bool) -> None:
+    """Connect, STARTTLS/TLS and AUTH with the account's settings; no mail is sent."""
+    from worker.delivery import DeliveryEngine, EngineConfig
+    from worker.replies import classify
+    from worker.smtp import SmtpConnectionPool
+    from worker.store.accounts import get_account
+
+    pool = SmtpConnectionPool()
+    engine = DeliveryEngine(ctx.db, ctx.box, pool, EngineConfig.from_settings(ctx.settings))
+    with ctx.db.session() as session:
+        account = get_account(session, name)
+        if account is None:
+            fail(f"no account named {name!r}", as_json=as_json)
+        smtp_account = engine.smtp_account(account)
+    reply = pool.probe(smtp_account)
+    pool.close()
+    explanation = classify(reply)
+    ok = explanation.verdict.value == "ok"
+    result = {
+        "account": name,
+        "ok": ok,
+        "reply": str(reply),
+        "stage": reply.stage.value if reply.stage else None,
+        **explanation.as_dict(),
+    }
+    if as_json:
+        emit_json(result)
+    else:
+        pairs(
+            f"account {name}: {'OK' if ok else 'FAILED'}",
+            [
+                ("server", f"{smtp_account.host}:{smtp_account.port} ({smtp_account.tls.value})"),
+                ("reply", str(reply)),
+                ("stage", result["stage"]),
+                ("verdict", result["verdict"]),
+                ("meaning", result["meaning"]),
+                ("what to do", result["advice"]),
+            ],
+        )
+    if not ok:
+        sys.exit(EXIT_REFUSED)
+
+
+COMMANDS = [account_group]

@@ -1,0 +1,155 @@
+"""What every `outbox` command shares: settings, database, output as table or JSON."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any, NoReturn
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+#: Exit codes scripts can trust.
+EXIT_OK = 0
+EXIT_REFUSED = 1
+EXIT_USAGE = 2
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+class Context:
+    """Built on first use, so `outbox --help` and `outbox explain` need no database."""
+
+    def __init__(self) -> None:
+        self._settings: Any = None
+        self._db: Any = None
+        self._box: Any = None
+
+    @property
+    def settings(self) -> Any:
+        if self._settings is None:
+            from config.settings import SettingsError, get_settings
+
+            try:
+                self._settings = get_settings()
+            except SettingsError as exc:
+                fail(str(exc), code=EXIT_USAGE)
+        return self._settings
+
+    @property
+    def db(self) -> Any:
+        if self._db is None:
+            from worker.store.db import Database
+
+            self._db = Database(self.settings.database_url)
+        return self._db
+
+    @property
+    def box(self) -> Any:
+        if self._box is None:
+            from worker.crypto import SecretBox
+
+            self._box = SecretBox(self.settings.secret_keys)
+        return self._box
+
+    def ensure_schema(self) -> None:
+        """The embedded SQLite database migrates itself; PostgreSQL needs `outbox db upgrade`."""
+        from worker.store import migrate
+
+        url = self.settings.database_url
+        if url.startswith("sqlite"):
+            migrate.upgrade(url)
+            return
+        if migrate.current(url) != migrate.head():
+            fail(
+                "The database schema is not up to date: run `outbox db upgrade` first.",
+                code=EXIT_REFUSED,
+            )
+
+    def waker(self) -> Any:
+        from worker.client import broker_waker
+
+        return broker_waker(self.settings.broker_url)
+
+
+pass_ctx = click.make_pass_decorator(Context, ensure=True)
+
+
+def fail(message: str, *, code: int = EXIT_REFUSED, as_json: bool = False) -> NoReturn:
+    if as_json:
+        click.echo(json.dumps({"error": message}))
+    else:
+        err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    sys.exit(code)
+
+
+def emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=_default, ensure_ascii=False))
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return str(value)
+
+
+def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    t = Table(title=title, title_justify="left", header_style="bold")
+    for column in columns:
+        t.add_column(column, overflow="fold")
+    for row in rows:
+        t.add_row(*("" if v is None else str(v) for v in row))
+    console.print(t)
+
+
+def pairs(title: str | None, items: Iterable[tuple[str, Any]]) -> None:
+    t = Table(title=title, title_justify="left", show_header=False, box=None, pad_edge=False)
+    t.add_column(style="bold")
+    t.add_column(overflow="fold")
+    for key, value in items:
+        t.add_row(key, "" if value is None else str(value))
+    console.print(t)
+
+
+def ago(moment: datetime | None, now: datetime | None = None) -> str:
+    """'in 3m', '2h ago' — for people reading a table."""
+    if moment is None:
+        return ""
+    now = now or datetime.now(UTC)
+    seconds = (moment - now).total_seconds()
+    future = seconds > 0
+    seconds = abs(seconds)
+    if seconds < 60:
+        text = f"{seconds:.0f}s"
+    elif seconds < 3600:
+        text = f"{seconds / 60:.0f}m"
+    elif seconds < 86400:
+        text = f"{seconds / 3600:.1f}h"
+    else:
+        text = f"{seconds / 86400:.1f}d"
+    return f"in {text}" if future else f"{text} ago"
+
+
+def parse_since(value: str | None) -> datetime | None:
+    """`--since 2h`, `--since 30m`, or an ISO date/time."""
+    if value is None:
+        return None
+    from datetime import timedelta
+
+    from config.settings import SettingsError, parse_duration
+
+    try:
+        return datetime.now(UTC) - timedelta(seconds=parse_duration(value, name="--since"))
+    except SettingsError:
+        pass
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r} is neither a duration (30m, 2h, 7d) nor an ISO date", param_hint="--since"
+        ) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

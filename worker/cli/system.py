@@ -1,0 +1,136 @@
+"""`outbox db`, `outbox worker`, `outbox explain`, key management."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from worker.cli.common import Context, emit_json, pairs, pass_ctx, table
+
+
+@click.group("db")
+def db_group() -> None:
+    """Database schema (Alembic migrations)."""
+
+
+@db_group.command("upgrade")
+@click.option("--revision", default="head", show_default=True)
+@pass_ctx
+def db_upgrade(ctx: Context, revision: str) -> None:
+    """Apply migrations up to REVISION."""
+    from worker.store import migrate
+
+    migrate.upgrade(ctx.settings.database_url, revision)
+    click.echo(f"database at revision {migrate.current(ctx.settings.database_url)}")
+
+
+@click.command("worker")
+@click.option("--beat", is_flag=True, help="Embed the beat scheduler (one machine only).")
+@click.option(
+    "--concurrency",
+    "-c",
+    type=click.IntRange(1, 64),
+    default=None,
+    help="Worker processes (default: one per core).",
+)
+@click.option("--loglevel", "-l", default="INFO", show_default=True)
+@click.option("--queues", "-Q", default=None, help="Comma-separated queues (default: all).")
+@pass_ctx
+def worker_command(
+    ctx: Context, beat: bool, concurrency: int | None, loglevel: str, queues: str | None
+) -> None:
+    """Run a Celery worker on all of Outbox's queues."""
+    settings = ctx.settings
+    ctx.ensure_schema()
+    from config.celery import app
+    from worker.contract import QUEUES
+
+    argv = ["worker", "--loglevel", loglevel, "-E", "-Q", queues or ",".join(QUEUES)]
+    if concurrency:
+        argv += ["--concurrency", str(concurrency)]
+    if beat:
+        settings.var_dir.mkdir(parents=True, exist_ok=True)
+        argv += ["--beat", "--schedule", str(settings.var_dir / "celerybeat-schedule")]
+    if settings.is_embedded:
+        click.echo(
+            f"Outbox worker on the embedded defaults: database {settings.database_url}, "
+            f"broker {settings.broker_url}",
+            err=True,
+        )
+    app.worker_main(argv)
+
+
+@click.command("explain")
+@click.argument("replies", nargs=-1)
+@click.option(
+    "--stage",
+    type=click.Choice(["connect", "auth", "mail", "rcpt", "data"]),
+    default=None,
+    help="Where in the session the reply came.",
+)
+@click.option("--json", "as_json", is_flag=True)
+def explain(replies: tuple[str, ...], stage: str | None, as_json: bool) -> None:
+    """Explain SMTP replies in plain words (arguments, or one per line on stdin)."""
+    from worker.replies import Stage, explain_text
+
+    texts = list(replies)
+    if not texts:
+        if sys.stdin.isatty():
+            raise click.UsageError("give one or more replies, or pipe them one per line")
+        texts = [line for line in sys.stdin.read().splitlines() if line.strip()]
+    results = []
+    for text in texts:
+        e = explain_text(text.replace("\\r\\n", "\n"), Stage(stage) if stage else None)
+        results.append({"reply": text, **e.as_dict()})
+    if as_json:
+        emit_json(results if len(results) > 1 else results[0])
+        return
+    for r in results:
+        pairs(
+            r["reply"],
+            [
+                ("code", r["code"]),
+                ("enhanced", r["enhanced"]),
+                ("verdict", r["verdict"]),
+                ("fallback", "yes" if r["fallback"] else "no"),
+                ("meaning", r["meaning"]),
+                ("what to do", r["advice"]),
+            ],
+        )
+        click.echo()
+
+
+@click.command("secret-key")
+def secret_key() -> None:
+    """Print a new key for OUTBOX_SECRET_KEY."""
+    from cryptography.fernet import Fernet
+
+    click.echo(Fernet.generate_key().decode())
+
+
+@click.command("rotate-key")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def rotate_key(ctx: Context, as_json: bool) -> None:
+    """Re-encrypt stored SMTP passwords under the first key of OUTBOX_SECRET_KEY.
+
+    Set OUTBOX_SECRET_KEY=NEW,OLD, run this, then drop OLD.
+    """
+    from sqlalchemy import select
+
+    from worker.store.models import Account
+
+    rotated = 0
+    with ctx.db.session() as session:
+        for account in session.scalars(select(Account).with_for_update()):
+            if account.smtp_password_encrypted:
+                account.smtp_password_encrypted = ctx.box.rotate(account.smtp_password_encrypted)
+                rotated += 1
+    if as_json:
+        emit_json({"rotated": rotated})
+    else:
+        table(None, ["secrets re-encrypted"], [[rotated]])
+
+
+COMMANDS = [db_group, worker_command, explain, secret_key, rotate_key]

@@ -1,0 +1,29 @@
+"""Names other services rely on: task names and queues. Changing one breaks callers."""
+
+#: Enqueue a message by name: `send_task("outbox.enqueue", kwargs={...})`.
+ENQUEUE_TASK = "outbox.enqueue"
+#: Wake-up for one message id; the only thing a delivery message carries.
+SEND_TASK = "outbox.send"
+BACKUP_TASK = "outbox.deliver_via_backup"
+SWEEP_TASK = "outbox.sweep"
+NOTIFY_TASK = "outbox.notify"
+WAKE_ACCOUNT_TASK = "outbox.wake_account"
+RETRY_TASK = "outbox.retry"
+CANCEL_TASK = "outbox.cancel"
+
+#: Celery's default queue: where `send_task("outbox.enqueue", ...)` lands when the caller
+#: names no queue. Outbox workers consume it, so other services need no routing set-up;
+#: give Outbox its own Redis database or RabbitMQ vhost so no other app shares it.
+INTAKE_QUEUE = "celery"
+#: Fresh mail from intake and operator "send now".
+SEND_QUEUE = "outbox.send"
+#: Retries after a countdown: kept apart so a retry storm never delays fresh mail.
+RETRY_QUEUE = "outbox.retry"
+#: The final fallback through the backup provider's HTTP API.
+BACKUP_QUEUE = "outbox.backup"
+#: Sweeps, notices, operator tasks.
+MAINTENANCE_QUEUE = "outbox.maintenance"
+QUEUES = (INTAKE_QUEUE, SEND_QUEUE, RETRY_QUEUE, BACKUP_QUEUE, MAINTENANCE_QUEUE)
+
+#: Version of the `outbox.enqueue` request schema documented in the README.
+ENQUEUE_SCHEMA_VERSION = 1

@@ -1,0 +1,425 @@
+"""Deliver one message: claim it, send it, record what happened, decide what comes next.
+
+The engine returns its decision as data (`Outcome`); the Celery tasks only turn it into
+a countdown, a hand-off or a notice. No database transaction is open while the message
+is on the wire: one transaction claims, one records.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from email.utils import parseaddr
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from worker.clock import Clock, utcnow
+from worker.crypto import SecretBox
+from worker.decide import Decision, RetryPolicy, SmtpAttempt, decide_after_smtp
+from worker.message import compose
+from worker.replies import Reply, Stage, Verdict, classify
+from worker.smtp import SendResult, SmtpAccount, SmtpConnectionPool
+from worker.smtp import TlsMode as SmtpTlsMode
+from worker.store import incidents as incident_store
+from worker.store import slots
+from worker.store.accounts import wake_account
+from worker.store.db import Database
+from worker.store.messages import (
+    AttemptRecord,
+    Claimed,
+    MessageUpdate,
+    NotClaimed,
+    claim,
+    record,
+    release,
+)
+from worker.store.models import Account, AttemptOutcome, Channel, MessageStatus
+
+log = logging.getLogger("outbox.delivery")
+
+
+class Action(StrEnum):
+    SENT = "sent"  #: delivered; nothing more to do
+    FAILED = "failed"  #: ended without delivery
+    RETRY = "retry"  #: send again after `countdown_s` (a short wait, on the broker)
+    PARKED = "parked"  #: a long wait, kept in the database; the sweeper wakes it
+    BACKUP = "backup"  #: the window is over: hand to the backup provider after `countdown_s`
+    SKIPPED = "skipped"  #: the wake-up found nothing to do (already sent, leased, not due)
+
+
+@dataclass(frozen=True)
+class Notice:
+    incident_id: int
+    kind: str  #: "opened" | "recovered"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    message_id: int
+    action: Action
+    countdown_s: float | None = None
+    detail: str = ""
+    notices: tuple[Notice, ...] = ()
+    #: The account's incident closed: wake all its pending mail now.
+    wake_account_id: int | None = None
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    policy: RetryPolicy = field(default_factory=RetryPolicy)
+    lease_s: float = 300.0
+    countdown_max_s: float = 300.0
+    wake_grace_s: float = 300.0
+    smtp_timeout_s: float = 30.0
+    smtp_idle_s: float = 60.0
+    #: Countdown when every connection slot of the account is busy (jittered x1-2).
+    slot_wait_s: float = 2.0
+    #: First pause after a 421 / 4.7.x deferral; doubles per repeat up to policy.max_s.
+    throttle_base_s: float = 30.0
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> EngineConfig:
+        return cls(
+            policy=RetryPolicy(
+                window_s=settings.retry_window_s,
+                base_s=settings.retry_base_s,
+                max_s=settings.retry_max_s,
+            ),
+            lease_s=settings.lease_s,
+            countdown_max_s=settings.countdown_max_s,
+            wake_grace_s=settings.wake_grace_s,
+            smtp_timeout_s=settings.smtp_timeout_s,
+            smtp_idle_s=settings.smtp_idle_s,
+        )
+
+
+def default_holder() -> str:
+    """Who holds a connection slot: this host and process."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def envelope_address(address: str) -> str:
+    return parseaddr(address)[1]
+
+
+class DeliveryEngine:
+    """Sends through each account's own SMTP server; one instance per worker process."""
+
+    def __init__(
+        self,
+        db: Database,
+        box: SecretBox,
+        pool: SmtpConnectionPool,
+        config: EngineConfig,
+        *,
+        clock: Clock = utcnow,
+        rng: Callable[[], float] = random.random,
+        holder: str | None = None,
+    ) -> None:
+        self.db = db
+        self.box = box
+        self.pool = pool
+        self.config = config
+        self.clock = clock
+        self.rng = rng
+        self.holder = holder or default_holder()
+
+    # -- the SMTP path ---------------------------------------------------------------
+
+    def deliver(self, message_id: int) -> Outcome:
+        now = self.clock()
+        token = uuid.uuid4().hex
+        with self.db.session() as session:
+            got = claim(session, message_id, now=now, lease_s=self.config.lease_s, token=token)
+            if isinstance(got, NotClaimed):
+                return Outcome(message_id, Action.SKIPPED, detail=got.reason)
+            account = session.get(Account, got.account_id)
+            assert account is not None
+            if now >= got.deadline:
+                release(
+                    session,
+                    got,
+                    now=now,
+                    next_attempt_at=got.deadline,
+                    due_at=now + timedelta(seconds=self.config.wake_grace_s),
+                )
+                return Outcome(
+                    message_id, Action.BACKUP, countdown_s=0.0, detail="the retry window is over"
+                )
+            gated = self._gate(session, got, account, now)
+            if gated is not None:
+                return gated
+            smtp_account = self.smtp_account(account)
+            account_name = account.name
+
+        email = got.email
+        data = compose(email).as_bytes()
+        result = self.pool.send(
+            smtp_account, envelope_address(email.from_addr), got.recipients, data
+        )
+        finished = self.clock()
+        decision = decide_after_smtp(
+            SmtpAttempt(
+                recipients=got.recipients,
+                reply=result.reply,
+                accepted=result.accepted,
+                refused=result.refused,
+            ),
+            settled_before=got.delivered_to,
+            attempt_number=got.attempt_number,
+            now=finished,
+            deadline=got.deadline,
+            policy=self.config.policy,
+            rng=self.rng,
+        )
+        with self.db.session() as session:
+            outcome = self._record_smtp(session, got, result, decision, now, finished)
+        self._log_attempt(got, account_name, result.reply, decision, outcome)
+        return outcome
+
+    def smtp_account(self, account: Account) -> SmtpAccount:
+        password = (
+            self.box.decrypt(account.smtp_password_encrypted)
+            if account.smtp_password_encrypted
+            else None
+        )
+        return SmtpAccount(
+            key=f"{account.id}:{account.settings_version}",
+            host=account.smtp_host,
+            port=account.smtp_port,
+            username=account.smtp_username,
+            password=password,
+            tls=SmtpTlsMode(account.tls_mode),
+            ca_pem=account.ca_pem,
+            timeout_s=self.config.smtp_timeout_s,
+        )
+
+    def _gate(
+        self, session: Session, got: Claimed, account: Account, now: datetime
+    ) -> Outcome | None:
+        """May this message talk to the server now? If not, give the claim back."""
+        if account.throttle_until is not None and account.throttle_until > now:
+            wait = (account.throttle_until - now).total_seconds() * (1 + 0.2 * self.rng())
+            return self._hold_back(session, got, now, wait, "the server asked us to slow down")
+        circuit = incident_store.check_circuit(
+            session, account.id, got.id, now=now, lease_s=self.config.lease_s
+        )
+        if not circuit.allowed:
+            # Wait for the incident to close (which wakes everyone), or at the latest
+            # one backoff cap, so the mail still reaches the backup in time.
+            wait = min(self.config.policy.max_s, (got.deadline - now).total_seconds())
+            return self._hold_back(
+                session,
+                got,
+                now,
+                max(wait, 0.0),
+                "the account's server is failing; another message is testing it",
+                park=True,
+            )
+        slot = slots.acquire_slot(
+            session, account.id, holder=self.holder, now=now, hold_s=self.config.lease_s
+        )
+        if slot is None:
+            wait = self.config.slot_wait_s * (1 + self.rng())
+            return self._hold_back(session, got, now, wait, "all connection slots are busy")
+        return None
+
+    def _hold_back(
+        self,
+        session: Session,
+        got: Claimed,
+        now: datetime,
+        wait_s: float,
+        why: str,
+        *,
+        park: bool = False,
+    ) -> Outcome:
+        when = min(now + timedelta(seconds=wait_s), got.deadline)
+        countdown = (when - now).total_seconds()
+        on_broker = not park and countdown <= self.config.countdown_max_s
+        due = when + timedelta(seconds=self.config.wake_grace_s) if on_broker else when
+        release(session, got, now=now, next_attempt_at=when, due_at=due)
+        if on_broker:
+            return Outcome(got.id, Action.RETRY, countdown_s=countdown, detail=why)
+        return Outcome(got.id, Action.PARKED, detail=why)
+
+    def _record_smtp(
+        self,
+        session: Session,
+        got: Claimed,
+        result: SendResult,
+        decision: Decision,
+        started: datetime,
+        finished: datetime,
+    ) -> Outcome:
+        reply = decision.explanation.reply
+        account = session.get(Account, got.account_id)
+        assert account is not None
+        notices: list[Notice] = []
+        wake_account_id: int | None = None
+
+        next_at = decision.next_attempt_at
+        if decision.throttle:
+            account.throttle_level = (account.throttle_level or 0) + 1
+            pause = min(
+                self.config.policy.max_s,
+                self.config.throttle_base_s * 2 ** (account.throttle_level - 1),
+            ) * (0.5 + 0.5 * self.rng())
+            account.throttle_until = finished + timedelta(seconds=pause)
+            if next_at is not None and next_at < account.throttle_until:
+                next_at = min(account.throttle_until, got.deadline)
+        elif decision.reached_server and account.throttle_level:
+            account.throttle_level = 0
+            account.throttle_until = None
+
+        if decision.account_problem:
+            incident_id, opened = incident_store.note_account_failure(
+                session,
+                account.id,
+                decision.explanation
+                if decision.explanation.verdict is Verdict.ACCOUNT
+                else classify(result.reply),
+                now=finished,
+                message_id=got.id,
+                next_probe_at=next_at or got.deadline,
+            )
+            if opened:
+                notices.append(Notice(incident_id, "opened"))
+        elif decision.reached_server or decision.status == MessageStatus.SENT.value:
+            closed = incident_store.close_incident(session, account.id, now=finished)
+            if closed is not None:
+                notices.append(Notice(closed, "recovered"))
+                wake_account(session, account.id, now=finished)
+                wake_account_id = account.id
+
+        connection_kept = (
+            reply.code is not None
+            and reply.code != 421
+            and (reply.stage in (Stage.MAIL, Stage.RCPT, Stage.DATA) or decision.status == "sent")
+        )
+        if connection_kept:
+            slots.hold_slot(
+                session,
+                account.id,
+                holder=self.holder,
+                now=finished,
+                hold_s=self.config.smtp_idle_s,
+            )
+        else:
+            slots.release_slot(session, account.id, holder=self.holder)
+
+        per_recipient = {}
+        for rcpt in got.recipients:
+            r = result.refused.get(rcpt) or result.reply
+            per_recipient[rcpt] = {
+                "outcome": "sent" if rcpt in result.accepted else "refused",
+                "code": r.code,
+                "enhanced": r.enhanced,
+                "text": r.text[:500],
+                "verdict": classify(
+                    r, Stage.RCPT if rcpt in result.refused else None
+                ).verdict.value,
+            }
+        if result.accepted:
+            attempt_outcome = AttemptOutcome.SENT.value
+        elif decision.status == MessageStatus.FAILED.value:
+            attempt_outcome = AttemptOutcome.FAILED.value
+        else:
+            attempt_outcome = AttemptOutcome.DEFERRED.value
+        attempt = AttemptRecord(
+            channel=Channel.SMTP.value,
+            started_at=started,
+            finished_at=finished,
+            outcome=attempt_outcome,
+            verdict=classify(result.reply).verdict.value,
+            stage=result.reply.stage.value if result.reply.stage else None,
+            reply_code=result.reply.code,
+            enhanced_code=result.reply.enhanced,
+            server_text=(result.reply.text or str(result.reply))[:2000],
+            recipients=per_recipient,
+            worker=self.holder,
+        )
+
+        outcome: Outcome
+        if decision.status != MessageStatus.PENDING.value:
+            update_ = MessageUpdate(
+                status=decision.status,
+                sent_via=Channel.SMTP.value if decision.status == "sent" else None,
+                delivered_to=decision.settled,
+                last_verdict=decision.explanation.verdict.value,
+                last_code=reply.code,
+                last_enhanced=reply.enhanced,
+                last_error=None
+                if decision.status == "sent" and not decision.refusals
+                else str(reply)[:1000],
+            )
+            action = Action.SENT if decision.status == "sent" else Action.FAILED
+            outcome = Outcome(got.id, action, detail=str(reply))
+        else:
+            assert next_at is not None
+            countdown = max(0.0, (next_at - finished).total_seconds())
+            on_broker = countdown <= self.config.countdown_max_s
+            due = next_at + timedelta(seconds=self.config.wake_grace_s) if on_broker else next_at
+            update_ = MessageUpdate(
+                status=MessageStatus.PENDING.value,
+                next_attempt_at=next_at,
+                due_at=due,
+                delivered_to=decision.settled,
+                last_verdict=decision.explanation.verdict.value,
+                last_code=reply.code,
+                last_enhanced=reply.enhanced,
+                last_error=str(reply)[:1000],
+            )
+            if decision.window_over:
+                action = Action.BACKUP if on_broker else Action.PARKED
+            else:
+                action = Action.RETRY if on_broker else Action.PARKED
+            outcome = Outcome(
+                got.id, action, countdown_s=countdown if on_broker else None, detail=str(reply)
+            )
+        owned = record(session, got, attempt, update_, now=finished)
+        if not owned and outcome.action in (Action.RETRY, Action.BACKUP, Action.PARKED):
+            # Someone else holds the message now; they decide its next step.
+            outcome = Outcome(got.id, Action.SKIPPED, detail="lease lost during the attempt")
+        return Outcome(
+            outcome.message_id,
+            outcome.action,
+            countdown_s=outcome.countdown_s,
+            detail=outcome.detail,
+            notices=tuple(notices),
+            wake_account_id=wake_account_id,
+        )
+
+    def _log_attempt(
+        self, got: Claimed, account: str, reply: Reply, decision: Decision, outcome: Outcome
+    ) -> None:
+        log.info(
+            "attempt message=%s account=%s attempt=%s verdict=%s code=%s enhanced=%s action=%s",
+            got.id,
+            account,
+            got.attempt_number,
+            decision.explanation.verdict.value,
+            reply.code,
+            reply.enhanced,
+            outcome.action.value,
+            extra={
+                "event": "attempt",
+                "message_id": got.id,
+                "account": account,
+                "attempt": got.attempt_number,
+                "channel": "smtp",
+                "verdict": decision.explanation.verdict.value,
+                "code": reply.code,
+                "enhanced": reply.enhanced,
+                "stage": reply.stage.value if reply.stage else None,
+                "action": outcome.action.value,
+            },
+        )

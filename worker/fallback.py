@@ -1,0 +1,295 @@
+"""The final fallback: after the window, send through the backup provider's HTTP API.
+
+No provider offers an idempotency key on send, so the fallback is claimed exactly like
+an SMTP attempt: a message that SMTP delivered a second before the deadline, or that an
+operator cancelled, is not pending any more and is never sent again here.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from worker.backoff import backoff_delay_s
+from worker.backup import BackupOutcome, BackupProvider, BackupResult, backup_sender
+from worker.clock import Clock, utcnow
+from worker.delivery import Action, Notice, Outcome, envelope_address
+from worker.message import OutgoingEmail
+from worker.store.db import Database
+from worker.store.messages import (
+    AttemptRecord,
+    Claimed,
+    MessageUpdate,
+    NotClaimed,
+    claim,
+    record,
+    release,
+)
+from worker.store.models import Account, Attempt, AttemptOutcome, Channel, Incident, MessageStatus
+
+log = logging.getLogger("outbox.backup")
+
+NO_PROVIDER = (
+    "Not delivered within the retry window, and no backup provider is configured "
+    "(OUTBOX_BACKUP_PROVIDER)."
+)
+
+
+@dataclass(frozen=True)
+class BackupConfig:
+    backup_from: str | None
+    #: How long after the deadline the provider's 429/5xx answers are retried.
+    retry_window_s: float = 3600.0
+    base_s: float = 30.0
+    max_s: float = 600.0
+    lease_s: float = 300.0
+    countdown_max_s: float = 300.0
+    wake_grace_s: float = 300.0
+
+
+def restrict_to(email: OutgoingEmail, recipients: tuple[str, ...]) -> OutgoingEmail:
+    """The same email addressed only to `recipients` (those SMTP did not deliver)."""
+    wanted = {envelope_address(r).lower() for r in recipients}
+
+    def keep(addresses: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(a for a in addresses if envelope_address(a).lower() in wanted)
+
+    return replace(email, to=keep(email.to), cc=keep(email.cc), bcc=keep(email.bcc))
+
+
+class BackupEngine:
+    def __init__(
+        self,
+        db: Database,
+        provider: BackupProvider | None,
+        config: BackupConfig,
+        *,
+        clock: Clock = utcnow,
+        rng: Callable[[], float] = random.random,
+        holder: str = "backup",
+    ) -> None:
+        self.db = db
+        self.provider = provider
+        self.config = config
+        self.clock = clock
+        self.rng = rng
+        self.holder = holder
+
+    def deliver(self, message_id: int) -> Outcome:
+        now = self.clock()
+        token = uuid.uuid4().hex
+        with self.db.session() as session:
+            got = claim(session, message_id, now=now, lease_s=self.config.lease_s, token=token)
+            if isinstance(got, NotClaimed):
+                return Outcome(message_id, Action.SKIPPED, detail=got.reason)
+            if now < got.deadline:
+                # Woken early (an operator, a stray task): SMTP still has time.
+                release(
+                    session,
+                    got,
+                    now=now,
+                    next_attempt_at=now,
+                    due_at=now + timedelta(seconds=self.config.wake_grace_s),
+                )
+                return Outcome(
+                    message_id,
+                    Action.RETRY,
+                    countdown_s=0.0,
+                    detail="the retry window is still open",
+                )
+            account = session.get(Account, got.account_id)
+            assert account is not None
+            backup_tries = (
+                session.scalar(
+                    select(func.count())
+                    .select_from(Attempt)
+                    .where(Attempt.message_id == got.id, Attempt.channel == Channel.BACKUP.value)
+                )
+                or 0
+            )
+            verified = account.backup_verified
+            account_name = account.name
+
+        if self.provider is None or not self.config.backup_from:
+            return self._finish_without_provider(got, now)
+
+        email = restrict_to(got.email, got.recipients)
+        from_addr, reply_to = backup_sender(
+            email, backup_from=self.config.backup_from, verified=verified
+        )
+        result = self.provider.send(email, from_addr=from_addr, reply_to=reply_to)
+        finished = self.clock()
+        with self.db.session() as session:
+            outcome = self._record(session, got, result, backup_tries, now, finished)
+        log_fn = log.error if result.alert_operator else log.info
+        log_fn(
+            "backup attempt message=%s account=%s provider=%s status=%s outcome=%s%s",
+            got.id,
+            account_name,
+            result.provider,
+            result.http_status,
+            result.outcome.value,
+            " OPERATOR ACTION NEEDED: " + result.explanation if result.alert_operator else "",
+            extra={
+                "event": "attempt",
+                "message_id": got.id,
+                "account": account_name,
+                "attempt": got.attempt_number,
+                "channel": "backup",
+                "provider": result.provider,
+                "code": result.http_status,
+                "action": outcome.action.value,
+            },
+        )
+        return outcome
+
+    def _finish_without_provider(self, got: Claimed, now: datetime) -> Outcome:
+        with self.db.session() as session:
+            record(
+                session,
+                got,
+                AttemptRecord(
+                    channel=Channel.BACKUP.value,
+                    started_at=now,
+                    finished_at=now,
+                    outcome=AttemptOutcome.FAILED.value,
+                    verdict=None,
+                    stage=None,
+                    reply_code=None,
+                    enhanced_code=None,
+                    server_text=NO_PROVIDER,
+                    worker=self.holder,
+                ),
+                MessageUpdate(
+                    status=MessageStatus.FAILED.value,
+                    delivered_to=got.delivered_to,
+                    last_error=NO_PROVIDER,
+                ),
+                now=now,
+            )
+        return Outcome(got.id, Action.FAILED, detail=NO_PROVIDER)
+
+    def _record(
+        self,
+        session: Session,
+        got: Claimed,
+        result: BackupResult,
+        backup_tries: int,
+        started: datetime,
+        finished: datetime,
+    ) -> Outcome:
+        attempt = AttemptRecord(
+            channel=Channel.BACKUP.value,
+            started_at=started,
+            finished_at=finished,
+            outcome={
+                BackupOutcome.SENT: AttemptOutcome.SENT.value,
+                BackupOutcome.RETRY: AttemptOutcome.DEFERRED.value,
+                BackupOutcome.FAILED: AttemptOutcome.FAILED.value,
+            }[result.outcome],
+            verdict=None,
+            stage=None,
+            reply_code=result.http_status,
+            enhanced_code=None,
+            server_text=f"{result.provider}: {result.detail}"[:2000],
+            recipients={
+                r: {
+                    "outcome": "sent" if result.outcome is BackupOutcome.SENT else "pending",
+                    "code": result.http_status,
+                }
+                for r in got.recipients
+            },
+            provider_message_id=result.provider_message_id,
+            worker=self.holder,
+        )
+        notices: list[Notice] = []
+        if result.outcome is BackupOutcome.SENT:
+            settled = dict(got.delivered_to)
+            for rcpt in got.recipients:
+                settled[rcpt] = {
+                    "outcome": "sent",
+                    "channel": "backup",
+                    "code": result.http_status,
+                    "text": result.detail[:200],
+                }
+            record(
+                session,
+                got,
+                attempt,
+                MessageUpdate(
+                    status=MessageStatus.SENT.value,
+                    sent_via=Channel.BACKUP.value,
+                    delivered_to=settled,
+                    last_error=None,
+                ),
+                now=finished,
+            )
+            incident = session.scalar(
+                select(Incident).where(
+                    Incident.account_id == got.account_id, Incident.closed_at.is_(None)
+                )
+            )
+            if incident is not None:
+                session.execute(
+                    update(Incident)
+                    .where(Incident.id == incident.id)
+                    .values(backup_deliveries=Incident.backup_deliveries + 1)
+                )
+                if incident.backup_notified_at is None:
+                    notices.append(Notice(incident.id, "backup"))
+            return Outcome(
+                got.id, Action.SENT, detail=f"sent via {result.provider}", notices=tuple(notices)
+            )
+
+        give_up_at = got.deadline + timedelta(seconds=self.config.retry_window_s)
+        delay = backoff_delay_s(
+            retry_number=backup_tries,
+            base_s=self.config.base_s,
+            max_s=self.config.max_s,
+            rng=self.rng,
+        )
+        next_at = finished + timedelta(seconds=delay)
+        if result.outcome is BackupOutcome.RETRY and next_at < give_up_at:
+            on_broker = delay <= self.config.countdown_max_s
+            record(
+                session,
+                got,
+                attempt,
+                MessageUpdate(
+                    status=MessageStatus.PENDING.value,
+                    next_attempt_at=next_at,
+                    due_at=next_at + timedelta(seconds=self.config.wake_grace_s)
+                    if on_broker
+                    else next_at,
+                    delivered_to=got.delivered_to,
+                    last_error=f"backup: {result.explanation}",
+                    last_code=result.http_status,
+                ),
+                now=finished,
+            )
+            if on_broker:
+                return Outcome(got.id, Action.BACKUP, countdown_s=delay, detail=result.detail)
+            return Outcome(got.id, Action.PARKED, detail=result.detail)
+        reason = result.explanation
+        if result.outcome is BackupOutcome.RETRY:
+            reason = f"The backup provider kept failing until the end of its retry time: {reason}"
+        record(
+            session,
+            got,
+            attempt,
+            MessageUpdate(
+                status=MessageStatus.FAILED.value,
+                delivered_to=got.delivered_to,
+                last_error=f"backup: {reason}"[:1000],
+                last_code=result.http_status,
+            ),
+            now=finished,
+        )
+        return Outcome(got.id, Action.FAILED, detail=reason)

@@ -1,0 +1,398 @@
+"""The door: validate a request to send mail, then store it once.
+
+Every door (the Python client, the `outbox.enqueue` task, the CLI) goes through
+`validate_request`, so all refuse the same bad input with the same sentence naming the
+field. Nothing is stored unless the whole request is valid.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from email.utils import formataddr
+from typing import Any
+
+from email_validator import EmailNotValidError, validate_email
+
+from worker.message import Attachment
+
+#: The fields of the `outbox.enqueue` contract (schema version 1).
+REQUEST_FIELDS = frozenset(
+    {
+        "account",
+        "to",
+        "cc",
+        "bcc",
+        "reply_to",
+        "from_addr",
+        "subject",
+        "text",
+        "html",
+        "headers",
+        "attachments",
+        "idempotency_key",
+    }
+)
+#: Headers Outbox writes itself; a caller may not set or override them.
+RESERVED_HEADERS = frozenset(
+    {
+        "from",
+        "to",
+        "cc",
+        "bcc",
+        "reply-to",
+        "subject",
+        "date",
+        "message-id",
+        "mime-version",
+        "content-type",
+        "content-transfer-encoding",
+        "content-disposition",
+        "sender",
+        "return-path",
+        "received",
+    }
+)
+#: RFC 5322 §2.1.1: a line must not exceed 998 characters.
+MAX_HEADER_CHARS = 998
+MAX_IDEMPOTENCY_KEY_CHARS = 255
+MAX_HEADERS = 50
+MAX_ATTACHMENTS = 50
+_FIELD_NAME = re.compile(r"^[!-9;-~]+$")  # printable ASCII except ':' (RFC 5322 ftext)
+_CONTENT_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*$")
+_FORBIDDEN_IN_HEADER = re.compile(r"[\r\n\x00]")
+
+
+@dataclass(frozen=True)
+class FieldError:
+    field: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.reason}"
+
+
+class InvalidRequest(ValueError):
+    """The request was refused; nothing was stored. `errors` names each bad field."""
+
+    def __init__(self, errors: Sequence[FieldError]) -> None:
+        self.errors = list(errors)
+        super().__init__("; ".join(str(e) for e in self.errors))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "error": "invalid_request",
+            "message": str(self),
+            "fields": [{"field": e.field, "reason": e.reason} for e in self.errors],
+        }
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_message_bytes: int = 25 * 1024 * 1024
+    max_recipients: int = 100
+
+
+@dataclass(frozen=True)
+class EmailRequest:
+    """A request that passed validation; addresses normalised."""
+
+    account: str
+    to: tuple[str, ...]
+    subject: str
+    cc: tuple[str, ...] = ()
+    bcc: tuple[str, ...] = ()
+    reply_to: str | None = None
+    from_addr: str | None = None
+    text: str | None = None
+    html: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+    attachments: tuple[Attachment, ...] = field(default=(), repr=False)
+    idempotency_key: str | None = None
+    size_bytes: int = 0
+
+
+class _Collector:
+    def __init__(self) -> None:
+        self.errors: list[FieldError] = []
+
+    def add(self, name: str, reason: str) -> None:
+        self.errors.append(FieldError(name, reason))
+
+
+def _is_str(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _check_text_value(errors: _Collector, name: str, value: str, *, header: bool) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        errors.add(name, "is not valid UTF-8 text (it holds unpaired surrogates)")
+        return False
+    if header and _FORBIDDEN_IN_HEADER.search(value):
+        errors.add(name, "must not contain line breaks (CR/LF) or NUL characters")
+        return False
+    if not header and "\x00" in value:
+        errors.add(name, "must not contain NUL characters")
+        return False
+    if header and len(value) > MAX_HEADER_CHARS:
+        errors.add(name, f"is longer than {MAX_HEADER_CHARS} characters")
+        return False
+    return True
+
+
+def normalize_address(value: Any, name: str, errors: _Collector) -> str | None:
+    """One address, optionally with a display name, or None with an error recorded."""
+    if not _is_str(value):
+        errors.add(name, f"must be a string address, not {type(value).__name__}")
+        return None
+    if not _check_text_value(errors, name, value, header=True):
+        return None
+    candidate = value.strip()
+    if not candidate:
+        errors.add(name, "is empty")
+        return None
+    try:
+        result = validate_email(
+            candidate, check_deliverability=False, allow_display_name=True, allow_smtputf8=True
+        )
+    except EmailNotValidError as exc:
+        errors.add(name, f"{candidate!r} is not a valid email address ({exc})")
+        return None
+    if result.display_name:
+        return formataddr((result.display_name, result.normalized))
+    return result.normalized
+
+
+def _address_list(payload: Mapping[str, Any], key: str, errors: _Collector) -> tuple[str, ...]:
+    value = payload.get(key)
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        errors.add(key, f"must be a list of addresses, not {type(value).__name__}")
+        return ()
+    out = []
+    for index, item in enumerate(value):
+        address = normalize_address(item, f"{key}[{index}]", errors)
+        if address is not None:
+            out.append(address)
+    return tuple(out)
+
+
+def _optional_str(
+    payload: Mapping[str, Any], key: str, errors: _Collector, *, header: bool
+) -> str | None:
+    value = payload.get(key)
+    if value is None:
+        return None
+    if not _is_str(value):
+        errors.add(key, f"must be a string, not {type(value).__name__}")
+        return None
+    if not _check_text_value(errors, key, value, header=header):
+        return None
+    return value
+
+
+def _headers(payload: Mapping[str, Any], errors: _Collector) -> tuple[tuple[str, str], ...]:
+    value = payload.get("headers")
+    if value is None:
+        return ()
+    if isinstance(value, Mapping):
+        pairs = list(value.items())
+    elif isinstance(value, (list, tuple)):
+        pairs = []
+        for index, item in enumerate(value):
+            if isinstance(item, (list, tuple)) and len(item) == 2:
+                pairs.append((item[0], item[1]))
+            else:
+                errors.add(f"headers[{index}]", "must be a [name, value] pair")
+    else:
+        errors.add("headers", f"must be an object of name: value, not {type(value).__name__}")
+        return ()
+    if len(pairs) > MAX_HEADERS:
+        errors.add("headers", f"has {len(pairs)} entries; at most {MAX_HEADERS} are accepted")
+        return ()
+    out = []
+    for name, header_value in pairs:
+        label = f"headers[{name!r}]"
+        if not _is_str(name) or not _FIELD_NAME.match(name) or len(name) > 76:
+            errors.add(label, "is not a valid header name (printable ASCII without ':' or spaces)")
+            continue
+        if name.lower() in RESERVED_HEADERS:
+            errors.add(label, "is set by Outbox itself; use the matching field instead")
+            continue
+        if not _is_str(header_value):
+            errors.add(label, f"value must be a string, not {type(header_value).__name__}")
+            continue
+        if _check_text_value(errors, label, header_value, header=True):
+            out.append((name, header_value))
+    return tuple(out)
+
+
+def _attachments(payload: Mapping[str, Any], errors: _Collector) -> tuple[Attachment, ...]:
+    value = payload.get("attachments")
+    if value is None:
+        return ()
+    if not isinstance(value, (list, tuple)):
+        errors.add("attachments", f"must be a list, not {type(value).__name__}")
+        return ()
+    if len(value) > MAX_ATTACHMENTS:
+        errors.add("attachments", f"has {len(value)} files; at most {MAX_ATTACHMENTS}")
+        return ()
+    out = []
+    for index, item in enumerate(value):
+        label = f"attachments[{index}]"
+        if isinstance(item, Attachment):
+            item = {"filename": item.filename, "content_type": item.content_type, "data": item.data}
+        if not isinstance(item, Mapping):
+            errors.add(label, "must be an object with filename, content_type and content")
+            continue
+        unknown = set(item) - {"filename", "content_type", "content", "data"}
+        if unknown:
+            errors.add(label, f"has unknown fields: {', '.join(sorted(unknown))}")
+            continue
+        filename = item.get("filename")
+        content_type = item.get("content_type") or "application/octet-stream"
+        if not _is_str(filename) or not filename.strip():
+            errors.add(f"{label}.filename", "is required")
+            continue
+        if not _check_text_value(errors, f"{label}.filename", filename, header=True):
+            continue
+        if "/" in filename or "\\" in filename or len(filename) > 255:
+            errors.add(f"{label}.filename", "must be a plain file name (no path, at most 255)")
+            continue
+        if not _is_str(content_type) or not _CONTENT_TYPE.match(content_type):
+            errors.add(f"{label}.content_type", f"{content_type!r} is not a MIME type")
+            continue
+        data = item.get("data")
+        if data is None:
+            content = item.get("content")
+            if not _is_str(content):
+                errors.add(f"{label}.content", "is required: the file's bytes, base64-encoded")
+                continue
+            try:
+                data = base64.b64decode(content, validate=True)
+            except (binascii.Error, ValueError):
+                errors.add(f"{label}.content", "is not valid base64")
+                continue
+        elif not isinstance(data, (bytes, bytearray, memoryview)):
+            errors.add(f"{label}.data", f"must be bytes, not {type(data).__name__}")
+            continue
+        out.append(Attachment(filename=filename, content_type=content_type, data=bytes(data)))
+    return tuple(out)
+
+
+def validate_request(payload: Mapping[str, Any], *, limits: Limits) -> EmailRequest:
+    """Check every field; raise `InvalidRequest` naming all bad fields, or return the request."""
+    errors = _Collector()
+    if not isinstance(payload, Mapping):
+        raise InvalidRequest([FieldError("request", "must be an object of named fields")])
+    unknown = set(payload) - REQUEST_FIELDS
+    for name in sorted(unknown, key=str):
+        errors.add(str(name), "is not a field of outbox.enqueue (schema v1)")
+
+    account = payload.get("account")
+    if not _is_str(account) or not account.strip():
+        errors.add("account", "is required: the name of a configured account")
+        account = ""
+    elif len(account) > 100 or _FORBIDDEN_IN_HEADER.search(account):
+        errors.add("account", "is not a valid account name")
+
+    to = _address_list(payload, "to", errors)
+    cc = _address_list(payload, "cc", errors)
+    bcc = _address_list(payload, "bcc", errors)
+    if not payload.get("to") and not any(e.field.startswith("to") for e in errors.errors):
+        errors.add("to", "needs at least one recipient")
+    total = len(set(to) | set(cc) | set(bcc))
+    if total > limits.max_recipients:
+        errors.add("to", f"{total} recipients in to/cc/bcc; at most {limits.max_recipients}")
+
+    reply_to = None
+    if payload.get("reply_to") is not None:
+        reply_to = normalize_address(payload.get("reply_to"), "reply_to", errors)
+    from_addr = None
+    if payload.get("from_addr") is not None:
+        from_addr = normalize_address(payload.get("from_addr"), "from_addr", errors)
+
+    subject = payload.get("subject")
+    if subject is None:
+        errors.add("subject", "is required")
+        subject = ""
+    elif not _is_str(subject):
+        errors.add("subject", f"must be a string, not {type(subject).__name__}")
+        subject = ""
+    else:
+        _check_text_value(errors, "subject", subject, header=True)
+
+    text = _optional_str(payload, "text", errors, header=False)
+    html = _optional_str(payload, "html", errors, header=False)
+    if payload.get("text") is None and payload.get("html") is None:
+        errors.add("text", "a text or html body is required")
+
+    headers = _headers(payload, errors)
+    attachments = _attachments(payload, errors)
+
+    key = payload.get("idempotency_key")
+    if key is not None and (
+        not _is_str(key) or not key or len(key) > MAX_IDEMPOTENCY_KEY_CHARS or not key.isprintable()
+    ):
+        errors.add(
+            "idempotency_key",
+            f"must be a printable string of 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters",
+        )
+
+    size = (
+        len((text or "").encode("utf-8", "replace"))
+        + len((html or "").encode("utf-8", "replace"))
+        + sum(len(a.data) * 4 // 3 for a in attachments)
+        + len(subject.encode("utf-8", "replace"))
+        + sum(len(n) + len(v) for n, v in headers)
+    )
+    if size > limits.max_message_bytes:
+        errors.add(
+            "attachments" if attachments else "text",
+            f"the message would be about {size:,} bytes; the limit is "
+            f"{limits.max_message_bytes:,} (OUTBOX_MAX_MESSAGE_BYTES)",
+        )
+
+    if errors.errors:
+        raise InvalidRequest(errors.errors)
+    return EmailRequest(
+        account=account.strip(),
+        to=to,
+        cc=cc,
+        bcc=bcc,
+        reply_to=reply_to,
+        from_addr=from_addr,
+        subject=subject,
+        text=text,
+        html=html,
+        headers=headers,
+        attachments=attachments,
+        idempotency_key=key,
+        size_bytes=size,
+    )
+
+
+def new_message_id(from_addr: str, *, now: datetime) -> str:
+    """A Message-ID unique to this email, made once at intake and kept for every attempt.
+
+    Time-ordered so ids sort roughly by intake; random enough to never collide.
+    """
+    from email.utils import parseaddr
+
+    domain = parseaddr(from_addr)[1].rpartition("@")[2] or "outbox.invalid"
+    stamp = int(now.timestamp() * 1000)
+    return f"<{stamp:x}.{secrets.token_hex(8)}.outbox@{domain}>"
+
+
+def deadline_for(created_at: datetime, window_s: float) -> datetime:
+    return created_at + timedelta(seconds=window_s)

@@ -1,0 +1,243 @@
+"""Telling an account that its SMTP setup is failing, recovered, or was bypassed.
+
+One notice per event per incident: the `outbox.notify` task claims the event's column
+(`notified_at`, `backup_notified_at`, `recovery_notified_at`) before sending, so
+however many mails fail, the account hears about it once.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import httpx
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from worker.message import OutgoingEmail
+from worker.replies import Reply, Verdict, classify, parse_reply
+from worker.store.models import Account, Incident, MessageStatus
+from worker.store.models import Message as MessageRow
+
+log = logging.getLogger("outbox.notify")
+
+#: Which incident column records that a kind of notice went out.
+NOTICE_COLUMNS = {
+    "opened": "notified_at",
+    "backup": "backup_notified_at",
+    "recovered": "recovery_notified_at",
+}
+
+
+class NoticeFailed(Exception):
+    """The notice could not be delivered; the claim was given back for a retry."""
+
+
+@dataclass(frozen=True)
+class Notice:
+    kind: str
+    account: str
+    payload: dict[str, Any]
+    subject: str
+    text: str
+    webhook: str | None
+    email: str | None
+
+
+def claim_notice(session: Session, incident_id: int, kind: str, *, now: datetime) -> bool:
+    column = getattr(Incident, NOTICE_COLUMNS[kind])
+    result = session.execute(
+        update(Incident)
+        .where(Incident.id == incident_id, column.is_(None))
+        .values({NOTICE_COLUMNS[kind]: now})
+        .execution_options(synchronize_session=False)
+    )
+    return bool(result.rowcount)
+
+
+def unclaim_notice(session: Session, incident_id: int, kind: str) -> None:
+    session.execute(
+        update(Incident)
+        .where(Incident.id == incident_id)
+        .values({NOTICE_COLUMNS[kind]: None})
+        .execution_options(synchronize_session=False)
+    )
+
+
+def build_notice(session: Session, incident_id: int, kind: str) -> Notice | None:
+    incident = session.get(Incident, incident_id)
+    if incident is None:
+        return None
+    account = session.get(Account, incident.account_id)
+    assert account is not None
+    waiting = (
+        session.scalar(
+            select(func.count())
+            .select_from(MessageRow)
+            .where(
+                MessageRow.account_id == account.id,
+                MessageRow.status == MessageStatus.PENDING.value,
+            )
+        )
+        or 0
+    )
+    reply: Reply = parse_reply(incident.last_reply or "")
+    if incident.last_code is not None and reply.code is None:
+        reply = Reply(
+            code=incident.last_code, enhanced=incident.last_enhanced, text=incident.last_reply or ""
+        )
+    explanation = classify(reply)
+    verdict = incident.verdict or Verdict.ACCOUNT.value
+    payload: dict[str, Any] = {
+        "event": f"smtp_incident.{kind}",
+        "account": account.name,
+        "incident_id": incident.id,
+        "opened_at": incident.opened_at.isoformat(),
+        "closed_at": incident.closed_at.isoformat() if incident.closed_at else None,
+        "verdict": verdict,
+        "code": incident.last_code,
+        "enhanced": incident.last_enhanced,
+        "reply": incident.last_reply,
+        "meaning": explanation.meaning,
+        "advice": explanation.advice,
+        "waiting": waiting,
+        "sent_via_backup": incident.backup_deliveries,
+    }
+    host = f"{account.smtp_host}:{account.smtp_port}"
+    if kind == "opened":
+        subject = f"Outbox: mail for {account.name} cannot be sent through {host}"
+        text = (
+            f"Outbox could not send mail for the account {account.name} through its SMTP "
+            f"server {host}.\n\nThe server said: {incident.last_reply}\n\n"
+            f"What it means: {explanation.meaning}\n\nWhat to do: {explanation.advice}\n\n"
+            f"{waiting} email(s) are waiting (shown as Pending). They will go out as soon as "
+            "the settings are corrected; if they cannot be sent within the retry window, "
+            "they go out through Outbox's backup provider."
+        )
+    elif kind == "backup":
+        subject = f"Outbox: mail for {account.name} is going out through the backup provider"
+        text = (
+            f"The SMTP server {host} of the account {account.name} kept failing for the "
+            f"whole retry window ({incident.last_reply}). Outbox has started sending the "
+            "waiting mail through its backup provider, from Outbox's own address with "
+            "Reply-To set to your sender, so replies still reach you.\n\n"
+            f"What to do: {explanation.advice}"
+        )
+    else:
+        subject = f"Outbox: mail for {account.name} is flowing again"
+        text = (
+            f"The SMTP server {host} of the account {account.name} accepts mail again. "
+            f"{waiting} waiting email(s) are being sent now."
+            + (
+                f" {incident.backup_deliveries} went out through the backup provider "
+                "while it was failing."
+                if incident.backup_deliveries
+                else ""
+            )
+        )
+    payload["message"] = text
+    return Notice(
+        kind, account.name, payload, subject, text, account.notify_webhook, account.notify_email
+    )
+
+
+def post_webhook(url: str, payload: dict[str, Any], *, client: httpx.Client) -> None:
+    response = client.post(url, json=payload, headers={"User-Agent": "outbox-notify/1"})
+    if response.status_code >= 300:
+        raise NoticeFailed(f"webhook {url} answered {response.status_code}")
+
+
+def notice_email(notice: Notice, *, from_addr: str, message_id: str) -> OutgoingEmail:
+    assert notice.email
+    return OutgoingEmail(
+        message_id=message_id,
+        from_addr=from_addr,
+        to=(notice.email,),
+        subject=notice.subject,
+        text=notice.text,
+    )
+
+
+class Notifier:
+    """Sends incident notices: a JSON POST to the webhook, an email via the backup."""
+
+    def __init__(
+        self,
+        db: Any,
+        *,
+        http: httpx.Client,
+        backup: Any = None,
+        backup_from: str | None = None,
+        clock: Any = None,
+    ) -> None:
+        from worker.clock import utcnow
+
+        self.db = db
+        self.http = http
+        self.backup = backup
+        self.backup_from = backup_from
+        self.clock = clock or utcnow
+
+    def send(self, incident_id: int, kind: str) -> str:
+        if kind not in NOTICE_COLUMNS:
+            raise ValueError(f"unknown notice kind {kind!r}")
+        with self.db.session() as session:
+            if not claim_notice(session, incident_id, kind, now=self.clock()):
+                return "already sent"
+            notice = build_notice(session, incident_id, kind)
+        if notice is None:
+            return "no such incident"
+        try:
+            self._deliver(notice, incident_id)
+        except Exception as exc:
+            with self.db.session() as session:
+                unclaim_notice(session, incident_id, kind)
+            raise NoticeFailed(f"{kind} notice for {notice.account} failed: {exc}") from exc
+        log.info(
+            "notice %s sent for account %s",
+            kind,
+            notice.account,
+            extra={
+                "event": "notice",
+                "kind": kind,
+                "account": notice.account,
+                "incident_id": incident_id,
+            },
+        )
+        return "sent"
+
+    def _deliver(self, notice: Notice, incident_id: int) -> None:
+        if notice.webhook:
+            post_webhook(notice.webhook, notice.payload, client=self.http)
+        if notice.email:
+            if self.backup is not None and self.backup_from:
+                from worker.backup import BackupOutcome
+
+                result = self.backup.send(
+                    notice_email(
+                        notice,
+                        from_addr=self.backup_from,
+                        message_id=f"<incident-{incident_id}-{notice.kind}@outbox>",
+                    ),
+                    from_addr=self.backup_from,
+                    reply_to=None,
+                )
+                if result.outcome is not BackupOutcome.SENT:
+                    raise NoticeFailed(result.explanation)
+            else:
+                log.warning(
+                    "notice for %s (to %s, no backup provider to email it): %s",
+                    notice.account,
+                    notice.email,
+                    notice.text,
+                    extra={"event": "notice_logged", "account": notice.account},
+                )
+        if not notice.webhook and not notice.email:
+            log.warning(
+                "notice for %s (no webhook or email configured): %s",
+                notice.account,
+                notice.text,
+                extra={"event": "notice_logged", "account": notice.account},
+            )

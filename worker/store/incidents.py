@@ -1,0 +1,124 @@
+"""Incidents: an account's SMTP setup is broken, and what Outbox does about it.
+
+While an incident is open the account's mail is not fired at the broken server one by
+one: a single message at a time probes it (a circuit breaker), the rest wait. Opening
+and closing are the moments people are told, once each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from worker.replies import Explanation
+from worker.store.models import Incident
+
+
+@dataclass(frozen=True)
+class Circuit:
+    allowed: bool  #: this message may talk to the server now
+    incident_id: int | None = None
+    wait_until: datetime | None = None  #: when the current probe's turn ends
+
+
+def open_incident(session: Session, account_id: int) -> Incident | None:
+    return session.scalar(
+        select(Incident).where(Incident.account_id == account_id, Incident.closed_at.is_(None))
+    )
+
+
+def check_circuit(
+    session: Session, account_id: int, message_id: int, *, now: datetime, lease_s: float
+) -> Circuit:
+    """With no open incident, anyone may send; with one, only the probe may."""
+    incident_id = session.scalar(
+        select(Incident.id).where(Incident.account_id == account_id, Incident.closed_at.is_(None))
+    )
+    if incident_id is None:
+        return Circuit(allowed=True)
+    took = session.execute(
+        update(Incident)
+        .where(
+            Incident.id == incident_id,
+            or_(
+                Incident.probe_until.is_(None),
+                Incident.probe_until < now,
+                Incident.probe_message_id == message_id,
+            ),
+        )
+        .values(probe_message_id=message_id, probe_until=now + timedelta(seconds=lease_s))
+        .returning(Incident.id)
+        .execution_options(synchronize_session=False)
+    ).scalar()
+    if took is not None:
+        return Circuit(allowed=True, incident_id=incident_id)
+    wait_until = session.scalar(select(Incident.probe_until).where(Incident.id == incident_id))
+    return Circuit(allowed=False, incident_id=incident_id, wait_until=wait_until)
+
+
+def note_account_failure(
+    session: Session,
+    account_id: int,
+    explanation: Explanation,
+    *,
+    now: datetime,
+    message_id: int,
+    next_probe_at: datetime,
+) -> tuple[int, bool]:
+    """Open the account's incident, or update the open one. Returns (id, newly_opened).
+
+    The failing message stays the probe until its next attempt: nobody else tries the
+    broken server before then.
+    """
+    reply = explanation.reply
+    values = {
+        "verdict": explanation.verdict.value,
+        "reason": explanation.meaning,
+        "last_code": reply.code,
+        "last_enhanced": reply.enhanced,
+        "last_reply": str(reply)[:1000],
+        "probe_message_id": message_id,
+        "probe_until": next_probe_at,
+    }
+    existing = open_incident(session, account_id)
+    if existing is not None:
+        for key, value in values.items():
+            setattr(existing, key, value)
+        session.flush()
+        return existing.id, False
+    incident = Incident(account_id=account_id, opened_at=now, backup_deliveries=0, **values)
+    try:
+        with session.begin_nested():
+            session.add(incident)
+            session.flush()
+    except IntegrityError:
+        # Another worker opened it a moment ago (one open incident per account).
+        existing = open_incident(session, account_id)
+        assert existing is not None
+        return existing.id, False
+    return incident.id, True
+
+
+def close_incident(session: Session, account_id: int, *, now: datetime) -> int | None:
+    """Close the account's open incident; returns its id when there was one."""
+    return session.execute(
+        update(Incident)
+        .where(Incident.account_id == account_id, Incident.closed_at.is_(None))
+        .values(closed_at=now, probe_message_id=None, probe_until=None)
+        .returning(Incident.id)
+        .execution_options(synchronize_session=False)
+    ).scalar()
+
+
+def reopen_probe(session: Session, account_id: int) -> None:
+    """Settings were corrected: let the next message probe at once."""
+    session.execute(
+        update(Incident)
+        .where(Incident.account_id == account_id, Incident.closed_at.is_(None))
+        .values(probe_message_id=None, probe_until=None)
+        .execution_options(synchronize_session=False)
+    )

@@ -1,0 +1,267 @@
+"""The database schema: accounts, messages, attempts, incidents and SMTP connection slots.
+
+The database is the source of truth; a Celery message is only a wake-up call. Every
+time here is timezone-aware UTC (`UTCDateTime` keeps it so on SQLite too).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+#: Integer ids that are 64-bit on PostgreSQL and rowid aliases on SQLite.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes in and out, whatever the backend stores."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the database; use aware UTC")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class MessageStatus(StrEnum):
+    PENDING = "pending"  #: accepted, not yet delivered; being retried
+    SENT = "sent"  #: accepted by the account's server or the backup provider
+    FAILED = "failed"  #: ended without delivery; `last_error` says why
+    CANCELLED = "cancelled"  #: an operator cancelled it before it was sent
+
+
+class Channel(StrEnum):
+    SMTP = "smtp"  #: the account's own SMTP server
+    BACKUP = "backup"  #: the backup provider's HTTP API
+
+
+class TlsMode(StrEnum):
+    STARTTLS = "starttls"  #: plain connect, then STARTTLS (port 587); the default
+    TLS = "tls"  #: implicit TLS from the first byte (port 465)
+    NONE = "none"  #: no encryption: loopback or explicit opt-in only
+
+
+class AttemptOutcome(StrEnum):
+    SENT = "sent"  #: delivered (possibly with some recipients refused)
+    DEFERRED = "deferred"  #: transient failure; will be retried
+    FAILED = "failed"  #: permanent failure; the message ends failed
+    INTERRUPTED = "interrupted"  #: the worker died mid-attempt (lease expired)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Account(Base):
+    __tablename__ = "accounts"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    smtp_host: Mapped[str] = mapped_column(String(255))
+    smtp_port: Mapped[int] = mapped_column(Integer)
+    smtp_username: Mapped[str | None] = mapped_column(String(255))
+    #: Fernet token; never the plaintext (see worker.crypto).
+    smtp_password_encrypted: Mapped[str | None] = mapped_column(Text)
+    tls_mode: Mapped[str] = mapped_column(String(16), default=TlsMode.STARTTLS.value)
+    #: `tls_mode=none` to a non-loopback host needs this explicit opt-in.
+    allow_plaintext: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: Extra CA (PEM) trusted for this account's relay, for private CAs.
+    ca_pem: Mapped[str | None] = mapped_column(Text)
+    from_addr: Mapped[str | None] = mapped_column(String(512))
+    notify_email: Mapped[str | None] = mapped_column(String(320))
+    notify_webhook: Mapped[str | None] = mapped_column(String(2048))
+    max_connections: Mapped[int] = mapped_column(Integer, default=2)
+    #: The account's From is verified at the backup provider, so fallback mail keeps it.
+    backup_verified: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: Bumped whenever SMTP settings change: cached connections of older versions close.
+    settings_version: Mapped[int] = mapped_column(Integer, default=1)
+    #: The server asked us to slow down (421, 4.7.x): no new session before this time.
+    throttle_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: Consecutive slow-down requests; the pause doubles with each, and resets on success.
+    throttle_level: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now, onupdate=_now)
+
+
+class Message(Base):
+    __tablename__ = "messages"
+    __table_args__ = (
+        UniqueConstraint("account_id", "idempotency_key", name="uq_messages_account_idempotency"),
+        # "What is due now" walks only pending rows in due order: O(due), not O(table).
+        Index(
+            "ix_messages_pending_due",
+            "due_at",
+            postgresql_where=text("status = 'pending'"),
+            sqlite_where=text("status = 'pending'"),
+        ),
+        Index("ix_messages_account_status", "account_id", "status"),
+        Index("ix_messages_created_at", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    #: The RFC 5322 Message-ID, fixed at intake and sent with every attempt.
+    message_id_header: Mapped[str] = mapped_column(String(255))
+    from_addr: Mapped[str] = mapped_column(String(512))
+    reply_to: Mapped[str | None] = mapped_column(String(512))
+    to_addrs: Mapped[list[str]] = mapped_column(JSON)
+    cc_addrs: Mapped[list[str]] = mapped_column(JSON, default=list)
+    bcc_addrs: Mapped[list[str]] = mapped_column(JSON, default=list)
+    subject: Mapped[str] = mapped_column(Text)
+    text_body: Mapped[str | None] = mapped_column(Text)
+    html_body: Mapped[str | None] = mapped_column(Text)
+    #: Extra headers as [[name, value], ...], in the caller's order.
+    headers: Mapped[list[list[str]]] = mapped_column(JSON, default=list)
+    attachment_count: Mapped[int] = mapped_column(Integer, default=0)
+    size_bytes: Mapped[int] = mapped_column(Integer, default=0)
+
+    status: Mapped[str] = mapped_column(String(16), default=MessageStatus.PENDING.value)
+    sent_via: Mapped[str | None] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
+    #: created_at + the retry window: past it, the backup provider takes over.
+    deadline: Mapped[datetime] = mapped_column(UTCDateTime)
+    #: The earliest moment the next attempt may run (what people are shown).
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    #: When the sweeper should look at this message if nothing else has: the next
+    #: attempt time for waits parked in the database, a grace period after a wake-up
+    #: was sent (in case it is lost), or the end of a lease (in case the worker died).
+    due_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    lease_token: Mapped[str | None] = mapped_column(String(64))
+    attempt_count: Mapped[int] = mapped_column(Integer, default=0)
+    #: Recipients already settled by an earlier attempt: {address: {"outcome": "sent" |
+    #: "refused", "code": ..., "enhanced": ..., "text": ..., "verdict": ...}}. Retries go
+    #: only to the others, so a greylisted Cc never makes the To receive a second copy.
+    delivered_to: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: The latest failure, for lists and the "why is it pending" question.
+    last_verdict: Mapped[str | None] = mapped_column(String(16))
+    last_code: Mapped[int | None] = mapped_column(Integer)
+    last_enhanced: Mapped[str | None] = mapped_column(String(16))
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+    account: Mapped[Account] = relationship(lazy="joined")
+    attachments: Mapped[list[AttachmentRow]] = relationship(
+        order_by="AttachmentRow.position", cascade="all, delete-orphan", lazy="select"
+    )
+    attempts: Mapped[list[Attempt]] = relationship(
+        order_by="Attempt.number", cascade="all, delete-orphan", lazy="select"
+    )
+
+
+class AttachmentRow(Base):
+    __tablename__ = "attachments"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    message_id: Mapped[int] = mapped_column(
+        ForeignKey("messages.id", ondelete="CASCADE"), index=True
+    )
+    position: Mapped[int] = mapped_column(Integer)
+    filename: Mapped[str] = mapped_column(String(255))
+    content_type: Mapped[str] = mapped_column(String(255))
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class Attempt(Base):
+    __tablename__ = "attempts"
+    __table_args__ = (UniqueConstraint("message_id", "number", name="uq_attempts_message_number"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    message_id: Mapped[int] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"))
+    number: Mapped[int] = mapped_column(Integer)
+    channel: Mapped[str] = mapped_column(String(16))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    outcome: Mapped[str] = mapped_column(String(16))
+    verdict: Mapped[str | None] = mapped_column(String(16))
+    stage: Mapped[str | None] = mapped_column(String(16))
+    reply_code: Mapped[int | None] = mapped_column(Integer)
+    enhanced_code: Mapped[str | None] = mapped_column(String(16))
+    server_text: Mapped[str | None] = mapped_column(Text)
+    #: {address: {"code": int|None, "enhanced": str|None, "text": str, "verdict": str}}
+    recipients: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    #: The backup provider's id for the accepted message.
+    provider_message_id: Mapped[str | None] = mapped_column(String(255))
+    worker: Mapped[str | None] = mapped_column(String(255))
+
+
+class Incident(Base):
+    """An account's SMTP setup is broken; one notice per incident, one probe at a time."""
+
+    __tablename__ = "incidents"
+    __table_args__ = (
+        # At most one open incident per account, whatever the races.
+        Index(
+            "uq_incidents_open_per_account",
+            "account_id",
+            unique=True,
+            postgresql_where=text("closed_at IS NULL"),
+            sqlite_where=text("closed_at IS NULL"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
+    opened_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    closed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    verdict: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(Text)
+    last_code: Mapped[int | None] = mapped_column(Integer)
+    last_enhanced: Mapped[str | None] = mapped_column(String(16))
+    last_reply: Mapped[str | None] = mapped_column(Text)
+    notified_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    recovery_notified_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: When the account was told its mail started going out through the backup.
+    backup_notified_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: Messages delivered by the backup provider while the incident was open.
+    backup_deliveries: Mapped[int] = mapped_column(Integer, default=0)
+    #: The one message allowed to test the broken server, and until when.
+    probe_message_id: Mapped[int | None] = mapped_column(BigId)
+    probe_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class SmtpSlot(Base):
+    """One of an account's `max_connections` SMTP connection permits, across all workers."""
+
+    __tablename__ = "smtp_slots"
+
+    account_id: Mapped[int] = mapped_column(
+        ForeignKey("accounts.id", ondelete="CASCADE"), primary_key=True
+    )
+    slot: Mapped[int] = mapped_column(Integer, primary_key=True)
+    holder: Mapped[str | None] = mapped_column(String(255))
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
