@@ -96,7 +96,7 @@ class Settings:
     broker_url: str
     result_backend: str
     #: Fernet keys, newest first; the first encrypts, all decrypt (rotation).
-    secret_keys: tuple[str, ...]
+    secret_keys: tuple[str, ...] = field(repr=False)
     secret_key_is_generated: bool
     retry_window_s: float = 24 * 3600.0
     retry_base_s: float = 60.0
@@ -113,9 +113,11 @@ class Settings:
     lease_s: float = 300.0
     max_message_bytes: int = 25 * 1024 * 1024
     max_recipients: int = 100
-    smtp_idle_s: float = 60.0
+    smtp_idle_s: float = 10.0
     smtp_max_per_connection: int = 100
     default_max_connections: int = 2
+    #: First pause for an account whose server answered 421 / 4.7.x; doubles per repeat.
+    throttle_base_s: float = 30.0
     backup_provider: str | None = None
     backup_api_key: str | None = field(default=None, repr=False)
     backup_api_url: str | None = None
@@ -207,9 +209,10 @@ class Settings:
             lease_s=_duration(env, "OUTBOX_LEASE", 300.0),
             max_message_bytes=_int(env, "OUTBOX_MAX_MESSAGE_BYTES", 25 * 1024 * 1024, minimum=1024),
             max_recipients=_int(env, "OUTBOX_MAX_RECIPIENTS", 100),
-            smtp_idle_s=_duration(env, "OUTBOX_SMTP_IDLE", 60.0),
+            smtp_idle_s=_duration(env, "OUTBOX_SMTP_IDLE", 10.0),
             smtp_max_per_connection=_int(env, "OUTBOX_SMTP_MAX_PER_CONNECTION", 100),
             default_max_connections=_int(env, "OUTBOX_DEFAULT_MAX_CONNECTIONS", 2),
+            throttle_base_s=_duration(env, "OUTBOX_THROTTLE_BASE", 30.0),
             backup_provider=provider,
             backup_api_key=api_key,
             backup_api_url=(env.get("OUTBOX_BACKUP_API_URL") or "").strip() or None,

@@ -25,6 +25,7 @@ class EnqueueRefused(ValueError):
 
 @app.task(
     name="outbox.enqueue",
+    Request="tasks.masking:MaskedRequest",  # no message content in events, logs, inspect
     ignore_result=False,
     autoretry_for=(OperationalError,),
     retry_backoff=2,

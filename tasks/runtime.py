@@ -38,6 +38,7 @@ class Runtime:
             idle_s=settings.smtp_idle_s, max_per_connection=settings.smtp_max_per_connection
         )
         self.engine = DeliveryEngine(self.db, self.box, self.pool, engine_config(settings))
+        self._reaper = _start_reaper(self.pool, interval_s=min(1.0, settings.smtp_idle_s / 2))
         self._client: Outbox | None = None
         self._backup_engine: BackupEngine | None = None
         self._provider: BackupProvider | None = None
@@ -125,6 +126,7 @@ class Runtime:
             return due_of_account(session, account_id, now=utcnow())
 
     def close(self) -> None:
+        self._reaper.set()
         if self._provider is not None:
             self._provider.close()
         self.pool.close()
@@ -136,6 +138,25 @@ class Runtime:
         except Exception:  # shutting down: the slots expire by themselves anyway
             log.debug("could not release connection slots at shutdown", exc_info=True)
         self.db.dispose()
+
+
+def _start_reaper(pool: SmtpConnectionPool, *, interval_s: float) -> threading.Event:
+    """Close idle SMTP connections even when no task comes to do it.
+
+    An idle open connection still counts against the account's connection cap on the
+    server; the slot row expires at the same time (see worker.store.slots).
+    """
+    stop = threading.Event()
+
+    def run() -> None:
+        while not stop.wait(interval_s):
+            try:
+                pool.close_idle()
+            except Exception:  # never let the timer die; the next send closes them too
+                log.debug("closing idle SMTP connections failed", exc_info=True)
+
+    threading.Thread(target=run, name="smtp-reaper", daemon=True).start()
+    return stop
 
 
 def engine_config(settings: Settings) -> EngineConfig:

@@ -81,7 +81,7 @@ class EngineConfig:
     smtp_timeout_s: float = 30.0
     smtp_idle_s: float = 60.0
     #: Countdown when every connection slot of the account is busy (jittered x1-2).
-    slot_wait_s: float = 2.0
+    slot_wait_s: float = 1.0
     #: First pause after a 421 / 4.7.x deferral; doubles per repeat up to policy.max_s.
     throttle_base_s: float = 30.0
 
@@ -98,6 +98,7 @@ class EngineConfig:
             wake_grace_s=settings.wake_grace_s,
             smtp_timeout_s=settings.smtp_timeout_s,
             smtp_idle_s=settings.smtp_idle_s,
+            throttle_base_s=settings.throttle_base_s,
         )
 
 
@@ -181,7 +182,9 @@ class DeliveryEngine:
             rng=self.rng,
         )
         with self.db.session() as session:
-            outcome = self._record_smtp(session, got, result, decision, now, finished)
+            outcome = self._record_smtp(
+                session, got, result, decision, now, finished, smtp_account.key
+            )
         self._log_attempt(got, account_name, result.reply, decision, outcome)
         return outcome
 
@@ -259,6 +262,7 @@ class DeliveryEngine:
         decision: Decision,
         started: datetime,
         finished: datetime,
+        smtp_key: str,
     ) -> Outcome:
         reply = decision.explanation.reply
         account = session.get(Account, got.account_id)
@@ -269,10 +273,11 @@ class DeliveryEngine:
         next_at = decision.next_attempt_at
         if decision.throttle:
             account.throttle_level = (account.throttle_level or 0) + 1
-            pause = min(
-                self.config.policy.max_s,
-                self.config.throttle_base_s * 2 ** (account.throttle_level - 1),
-            ) * (0.5 + 0.5 * self.rng())
+            # Doubles per repeated request, capped like retries (but never below the
+            # first pause: a slow-down shorter than asked for is no slow-down).
+            cap = max(self.config.policy.max_s, self.config.throttle_base_s)
+            pause = min(cap, self.config.throttle_base_s * 2 ** (account.throttle_level - 1))
+            pause *= 0.5 + 0.5 * self.rng()
             account.throttle_until = finished + timedelta(seconds=pause)
             if next_at is not None and next_at < account.throttle_until:
                 next_at = min(account.throttle_until, got.deadline)
@@ -300,18 +305,15 @@ class DeliveryEngine:
                 wake_account(session, account.id, now=finished)
                 wake_account_id = account.id
 
-        connection_kept = (
-            reply.code is not None
-            and reply.code != 421
-            and (reply.stage in (Stage.MAIL, Stage.RCPT, Stage.DATA) or decision.status == "sent")
-        )
-        if connection_kept:
+        if self.pool.has_connection(smtp_key):
+            # The connection stays open for reuse: keep its slot until it would be closed
+            # as idle (plus the reaper's tick), so the cap counts idle connections too.
             slots.hold_slot(
                 session,
                 account.id,
                 holder=self.holder,
                 now=finished,
-                hold_s=self.config.smtp_idle_s,
+                hold_s=self.config.smtp_idle_s + 2.0,
             )
         else:
             slots.release_slot(session, account.id, holder=self.holder)

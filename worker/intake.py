@@ -389,7 +389,9 @@ def new_message_id(from_addr: str, *, now: datetime) -> str:
     """
     from email.utils import parseaddr
 
-    domain = parseaddr(from_addr)[1].rpartition("@")[2] or "outbox.invalid"
+    _, at, domain = parseaddr(from_addr)[1].rpartition("@")
+    # No "@" leaves the whole string in the last part: that is not a domain.
+    domain = (domain if at else "") or "outbox.invalid"
     stamp = int(now.timestamp() * 1000)
     return f"<{stamp:x}.{secrets.token_hex(8)}.outbox@{domain}>"
 

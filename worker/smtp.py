@@ -231,6 +231,30 @@ class SmtpConnectionPool:
                 if conn is not None:
                     _quit(conn.smtp, conn.timeout_s)
 
+    def close_idle(self) -> int:
+        """Close connections idle for `idle_s`; returns how many. Skips if a send is running.
+
+        Called by a timer so that an idle worker does not keep connections (and the
+        account's connection slots) open on the server.
+        """
+        if not self._lock.acquire(blocking=False):
+            return 0
+        try:
+            now = self._clock()
+            closed = 0
+            for key, conn in list(self._connections.items()):
+                if now - conn.last_used >= self._idle_s:
+                    del self._connections[key]
+                    _quit(conn.smtp, conn.timeout_s)
+                    closed += 1
+            return closed
+        finally:
+            self._lock.release()
+
+    def has_connection(self, key: str) -> bool:
+        """An open, reusable connection is cached for this account key."""
+        return key in self._connections
+
     # -- connection cache -----------------------------------------------------------
 
     def _close_stale(self, account: SmtpAccount) -> None:

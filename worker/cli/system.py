@@ -133,4 +133,38 @@ def rotate_key(ctx: Context, as_json: bool) -> None:
         table(None, ["secrets re-encrypted"], [[rotated]])
 
 
-COMMANDS = [db_group, worker_command, explain, secret_key, rotate_key]
+@click.command("flower")
+@click.option("--address", default=None, help="Listen address (OUTBOX_FLOWER_ADDRESS; 127.0.0.1).")
+@click.option(
+    "--port", type=click.IntRange(1, 65535), default=None, help="Port (OUTBOX_FLOWER_PORT; 5555)."
+)
+@pass_ctx
+def flower_command(ctx: Context, address: str | None, port: int | None) -> None:
+    """Run Flower, the monitor, behind OUTBOX_FLOWER_BASIC_AUTH (see config/flower.py)."""
+    import os
+
+    from config.settings import SettingsError
+    from worker.cli.common import EXIT_USAGE, fail
+
+    ctx.settings  # noqa: B018 - a wrong OUTBOX_* variable fails here, in one sentence
+    env = dict(os.environ)
+    if address is not None:
+        env["OUTBOX_FLOWER_ADDRESS"] = address
+    if port is not None:
+        env["OUTBOX_FLOWER_PORT"] = str(port)
+    from config.flower import flower_argv, flower_config, flower_env
+
+    try:
+        config = flower_config(env)
+        argv, child_env = flower_argv(env), flower_env(env)
+    except SettingsError as exc:
+        fail(str(exc), code=EXIT_USAGE)
+    users = ", ".join(config.users) if config.users else "none: open on loopback"
+    host = f"[{config.address}]" if ":" in config.address else config.address
+    click.echo(f"Flower on http://{host}:{config.port}/ (basic auth users: {users})", err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(argv[0], argv, child_env)  # Flower takes this process: signals go to it
+
+
+COMMANDS = [db_group, worker_command, explain, secret_key, rotate_key, flower_command]
