@@ -187,9 +187,7 @@ def test_masked_kwargsrepr_copes_with_anything() -> None:
     assert masked_kwargsrepr({"account": "acme", "to": ["a@x.test"]}) == (
         "{'account': 'acme', 'recipients': 1, 'idempotency_key': None}"
     )
-    assert masked_kwargsrepr({}) == (
-        "{'account': None, 'recipients': 0, 'idempotency_key': None}"
-    )
+    assert masked_kwargsrepr({}) == ("{'account': None, 'recipients': 0, 'idempotency_key': None}")
     assert MARKER not in masked_kwargsrepr({"account": {"name": MARKER}, "to": 7})
     assert "'account': '" + "a" * 255 + "...'" in masked_kwargsrepr({"account": "a" * 10_000})
     assert masked_kwargsrepr([MARKER]) == "<hidden list>"
@@ -203,9 +201,7 @@ def test_masked_request_hides_what_the_sender_put_in_the_headers() -> None:
     def enqueue(**kwargs: object) -> None: ...
 
     email = _email()
-    message = TaskMessage(
-        "outbox.enqueue", kwargs=email, argsrepr="()", kwargsrepr=repr(email)
-    )
+    message = TaskMessage("outbox.enqueue", kwargs=email, argsrepr="()", kwargsrepr=repr(email))
     request = MaskedRequest(message, app=app, task=app.tasks["outbox.enqueue"])
     assert request.kwargs == email  # the task itself gets everything
     assert request.argsrepr == "()"
