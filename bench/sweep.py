@@ -102,8 +102,9 @@ def main() -> None:
                 plan = (
                     conn.execute(
                         text(
-                            "EXPLAIN SELECT id FROM messages WHERE status = 'pending' AND due_at <= now() "
-                            "ORDER BY due_at LIMIT 500 FOR UPDATE SKIP LOCKED"
+                            "EXPLAIN SELECT id FROM messages WHERE status = 'pending' "
+                            "AND due_at <= now() ORDER BY due_at LIMIT 500 "
+                            "FOR UPDATE SKIP LOCKED"
                         )
                     )
                     .scalars()

@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy.exc import OperationalError
 
 from config.celery import app
+from tasks.masking import MaskedTask
 from tasks.runtime import runtime
 from worker.intake import InvalidRequest
 
@@ -25,6 +26,7 @@ class EnqueueRefused(ValueError):
 
 @app.task(
     name="outbox.enqueue",
+    base=MaskedTask,
     Request="tasks.masking:MaskedRequest",  # no message content in events, logs, inspect
     ignore_result=False,
     autoretry_for=(OperationalError,),

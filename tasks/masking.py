@@ -30,6 +30,7 @@ import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from celery import Task
 from celery.worker.request import Request
 
 from worker.contract import ENQUEUE_TASK
@@ -139,3 +140,16 @@ def install_send_masking(app: Any) -> Any:
     send_task._outbox_masked = True  # type: ignore[attr-defined]
     app.send_task = send_task
     return app
+
+
+class MaskedTask(Task):  # type: ignore[misc]
+    """A task whose every publish (first send, autoretry) carries the masked reprs.
+
+    Celery re-publishes a retried task with its full arguments, and the worker's own
+    `task-sent` event for that publish would otherwise carry the whole email.
+    """
+
+    def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+        options.setdefault("argsrepr", masked_argsrepr(args or ()))
+        options.setdefault("kwargsrepr", masked_kwargsrepr(kwargs or {}))
+        return super().apply_async(args, kwargs, **options)
