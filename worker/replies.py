@@ -74,6 +74,9 @@ class ConnectionFailure(StrEnum):
     TLS = "tls"  #: TLS handshake failed (protocol, STARTTLS unsupported)
     CERTIFICATE = "certificate"  #: the server's certificate is not trusted / wrong name
     DROPPED = "dropped"  #: the server closed the connection unexpectedly
+    #: The server lacks what the settings need: no AUTH offered, no PLAIN/LOGIN, no
+    #: SMTPUTF8 for a non-ASCII address. Retrying will not change it.
+    UNSUPPORTED = "unsupported"
 
 
 @dataclass(frozen=True)

@@ -923,6 +923,16 @@ ENHANCED_DETAILS: dict[tuple[int, int], Info] = {
 # --- Below SMTP: no reply code was received -------------------------------------------
 
 CONNECTION: dict[str, Info] = {
+    # No reply code, but the server lacks something the account's settings need (AUTH
+    # not offered, no PLAIN/LOGIN mechanism, no SMTPUTF8 for a non-ASCII address).
+    "unsupported": Info(
+        "account",
+        "Your mail server does not offer something these settings need, such as a login "
+        "method Outbox can use, or international (non-ASCII) addresses.",
+        "Check the host and port in your SMTP settings: a submission port (587 with STARTTLS, "
+        "or 465 with TLS) normally offers login. If the server really cannot log in, remove "
+        "the username; for non-ASCII addresses, ask your provider for SMTPUTF8 support.",
+    ),
     "refused": Info(
         "account",
         "Your mail server refused the connection: nothing is accepting mail at that host "

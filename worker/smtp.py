@@ -515,6 +515,7 @@ def _authenticate(account: SmtpAccount, smtp: smtplib.SMTP) -> Reply:
                     account,
                 ),
                 stage=Stage.AUTH,
+                failure=ConnectionFailure.UNSUPPORTED,
             ),
             alive=True,
         )
@@ -537,6 +538,7 @@ def _authenticate(account: SmtpAccount, smtp: smtplib.SMTP) -> Reply:
                 code=None,
                 text=f"no AUTH mechanism in common (server offers: {offered})",
                 stage=Stage.AUTH,
+                failure=ConnectionFailure.UNSUPPORTED,
             ),
             alive=True,
         )
@@ -560,6 +562,7 @@ def _mail_options(
                 code=None,
                 text="non-ASCII address, and the server does not offer SMTPUTF8",
                 stage=Stage.MAIL,
+                failure=ConnectionFailure.UNSUPPORTED,
             )
         options.append("SMTPUTF8")
     if not data.isascii() and smtp.has_extn("8bitmime"):

@@ -605,3 +605,19 @@ def test_no_long_run_copied_from_seed() -> None:
         words = _words(text)
         for i in range(len(words) - run + 1):
             assert tuple(words[i : i + run]) not in seed_runs, text
+
+
+@pytest.mark.parametrize("stage", [Stage.AUTH, Stage.MAIL])
+def test_missing_server_capability_is_the_accounts_problem(stage):
+    # e.g. the server offers no AUTH, or no SMTPUTF8 for a non-ASCII address: no reply
+    # code, no broken connection, and retrying will not change it.
+    explanation = classify(
+        Reply(
+            code=None,
+            text="server does not offer AUTH",
+            stage=stage,
+            failure=ConnectionFailure.UNSUPPORTED,
+        )
+    )
+    assert explanation.verdict is Verdict.ACCOUNT and explanation.fallback is True
+    assert "login" in explanation.advice.lower()
