@@ -31,8 +31,11 @@ from worker.store.db import Database
 
 pytest_plugins = ["tests.support.fixtures_smtp", "tests.support.fixtures_backup"]
 
-#: Redis db numbers the tests use as broker (flushed before each use).
-REDIS_TEST_DB = int(os.environ.get("OUTBOX_TEST_REDIS_DB", "11"))
+#: Redis db numbers a test session may take as its broker (flushed before each use).
+#: Several sessions may run at once on one machine: each takes a free one (see below).
+REDIS_TEST_DBS = range(1, 16)
+#: Reserved for the benchmark (bench/run.py).
+REDIS_BENCH_DB = 13
 
 TABLES = ("attempts", "attachments", "incidents", "smtp_slots", "messages", "accounts")
 
@@ -61,9 +64,35 @@ def db(pg_db: Database) -> Database:
     return pg_db
 
 
+@pytest.fixture(scope="session")
+def redis_test_db() -> Iterator[int]:
+    """A Redis db number held by this session alone (a lock key in db 0), or the one
+    OUTBOX_TEST_REDIS_DB names. Two sessions sharing a db would consume each other's
+    tasks."""
+    if os.environ.get("OUTBOX_TEST_REDIS_DB"):
+        yield int(os.environ["OUTBOX_TEST_REDIS_DB"])
+        return
+    import redis
+
+    locks = redis.Redis.from_url(redis_db_url(0))
+    token = f"{os.getpid()}"
+    for number in REDIS_TEST_DBS:
+        if number == REDIS_BENCH_DB:
+            continue
+        if locks.set(f"outbox:test-session:{number}", token, nx=True, ex=6 * 3600):
+            break
+    else:
+        pytest.fail("every Redis test db is taken by another test session")
+    try:
+        yield number
+    finally:
+        if locks.get(f"outbox:test-session:{number}") == token.encode():
+            locks.delete(f"outbox:test-session:{number}")
+
+
 @pytest.fixture
-def redis_url() -> str:
-    url = redis_db_url(REDIS_TEST_DB)
+def redis_url(redis_test_db: int) -> str:
+    url = redis_db_url(redis_test_db)
     flush_redis(url)
     return url
 
