@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint format demo bench clean
+.PHONY: run test test-slow lint format demo bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,12 @@ run: $(STAMP)
 	$(BIN)/outbox worker --beat
 
 test: $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --ignore=tests/faults
+
+# The fault and load suite (kill -9, broker and database loss, 10,000 messages): slower,
+# run by CI after `make test`.
+test-slow: $(STAMP)
+	$(BIN)/pytest -q tests/faults
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

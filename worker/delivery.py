@@ -19,10 +19,11 @@ from email.utils import parseaddr
 from enum import StrEnum
 from typing import Any
 
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from worker.clock import Clock, utcnow
-from worker.crypto import SecretBox
+from worker.crypto import SecretBox, SecretKeyError
 from worker.decide import Decision, RetryPolicy, SmtpAttempt, decide_after_smtp
 from worker.message import compose
 from worker.replies import Reply, Stage, Verdict, classify
@@ -42,6 +43,7 @@ from worker.store.messages import (
     release,
 )
 from worker.store.models import Account, AttemptOutcome, Channel, MessageStatus
+from worker.store.models import Message as MessageRow
 
 log = logging.getLogger("outbox.delivery")
 
@@ -155,10 +157,24 @@ class DeliveryEngine:
                 return Outcome(
                     message_id, Action.BACKUP, countdown_s=0.0, detail="the retry window is over"
                 )
+            if not got.recipients:
+                # Every recipient was settled by earlier attempts; only the status lagged.
+                return self._settle_without_sending(session, got, now)
+            try:
+                smtp_account = self.smtp_account(account)
+            except SecretKeyError as exc:
+                log.error(
+                    "OPERATOR ACTION NEEDED: message %s of account %s: %s",
+                    got.id,
+                    account.name,
+                    exc,
+                )
+                return self._hold_back(
+                    session, got, now, self.config.policy.max_s, str(exc), park=True
+                )
             gated = self._gate(session, got, account, now)
             if gated is not None:
                 return gated
-            smtp_account = self.smtp_account(account)
             account_name = account.name
 
         email = got.email
@@ -181,12 +197,37 @@ class DeliveryEngine:
             policy=self.config.policy,
             rng=self.rng,
         )
-        with self.db.session() as session:
-            outcome = self._record_smtp(
+        # The mail may have gone out: losing this record would send it again, so a
+        # database restart here is waited out rather than given up on.
+        outcome = self.db.run(
+            lambda session: self._record_smtp(
                 session, got, result, decision, now, finished, smtp_account.key
             )
+        )
         self._log_attempt(got, account_name, result.reply, decision, outcome)
         return outcome
+
+    def _settle_without_sending(self, session: Session, got: Claimed, now: datetime) -> Outcome:
+        any_sent = any(v.get("outcome") == "sent" for v in got.delivered_to.values())
+        status = MessageStatus.SENT.value if any_sent else MessageStatus.FAILED.value
+        session.execute(
+            update(MessageRow)
+            .where(MessageRow.id == got.id, MessageRow.lease_token == got.token)
+            .values(
+                status=status,
+                finished_at=now,
+                updated_at=now,
+                lease_until=None,
+                lease_token=None,
+                attempt_count=MessageRow.attempt_count - 1,
+            )
+            .execution_options(synchronize_session=False)
+        )
+        return Outcome(
+            got.id,
+            Action.SENT if any_sent else Action.FAILED,
+            detail="every recipient was already settled",
+        )
 
     def smtp_account(self, account: Account) -> SmtpAccount:
         password = (

@@ -126,8 +126,10 @@ class BackupEngine:
         )
         result = self.provider.send(email, from_addr=from_addr, reply_to=reply_to)
         finished = self.clock()
-        with self.db.session() as session:
-            outcome = self._record(session, got, result, backup_tries, now, finished)
+        # The provider may have accepted it: a lost record would send it again.
+        outcome = self.db.run(
+            lambda session: self._record(session, got, result, backup_tries, now, finished)
+        )
         log_fn = log.error if result.alert_operator else log.info
         log_fn(
             "backup attempt message=%s account=%s provider=%s status=%s outcome=%s%s",

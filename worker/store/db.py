@@ -7,15 +7,23 @@ server costs one reconnect, not a failed task.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from worker.store.models import Base
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+#: Waits between tries of a transaction whose connection died (a database restart).
+RECONNECT_DELAYS_S = (0.2, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
@@ -70,6 +78,34 @@ class Database:
         """A session in one transaction: committed on success, rolled back on error."""
         with self._sessions() as session, session.begin():
             yield session
+
+    def run(
+        self,
+        work: Callable[[Session], T],
+        *,
+        delays_s: tuple[float, ...] = RECONNECT_DELAYS_S,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> T:
+        """Run `work` in one transaction, again on a fresh connection if the database
+        went away (restart, failover) — about half a minute in all by default.
+
+        For writes whose loss would cost more than a retry: the record of an attempt
+        that already went out. `work` must be safe to run twice.
+        """
+        for delay in (*delays_s, None):
+            try:
+                with self.session() as session:
+                    return work(session)
+            except (OperationalError, DBAPIError) as exc:
+                if delay is None or not (
+                    isinstance(exc, OperationalError) or exc.connection_invalidated
+                ):
+                    raise
+                log.warning(
+                    "database unavailable (%s); retrying in %.1fs", type(exc).__name__, delay
+                )
+                sleep(delay)
+        raise AssertionError("unreachable")
 
     def after_fork(self) -> None:
         """Drop the parent's pooled connections without closing them under the parent."""
