@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from email.utils import formataddr
-from typing import Any
+from typing import Any, TypeGuard
 
 from email_validator import EmailNotValidError, validate_email
 
@@ -125,7 +125,7 @@ class _Collector:
         self.errors.append(FieldError(name, reason))
 
 
-def _is_str(value: Any) -> bool:
+def _is_str(value: Any) -> TypeGuard[str]:
     return isinstance(value, str)
 
 

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from worker.message import OutgoingEmail
 from worker.replies import Reply, Verdict, classify, parse_reply
+from worker.store.db import changed_rows
 from worker.store.models import Account, Incident, MessageStatus
 from worker.store.models import Message as MessageRow
 
@@ -54,7 +55,7 @@ def claim_notice(session: Session, incident_id: int, kind: str, *, now: datetime
         .values({NOTICE_COLUMNS[kind]: now})
         .execution_options(synchronize_session=False)
     )
-    return bool(result.rowcount)
+    return bool(changed_rows(result))
 
 
 def unclaim_notice(session: Session, incident_id: int, kind: str) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
+from worker.store.db import changed_rows
 from worker.store.models import Message as MessageRow
 from worker.store.models import MessageStatus
 
@@ -64,18 +65,24 @@ def retry_messages(
     report = ActionReport()
     due = now + timedelta(seconds=wake_grace_s)
     for mid in message_ids:
-        pending = session.execute(
-            update(MessageRow)
-            .where(
-                MessageRow.id == mid,
-                MessageRow.status == PENDING,
-                or_(MessageRow.lease_until.is_(None), MessageRow.lease_until < now),
+        pending = changed_rows(
+            session.execute(
+                update(MessageRow)
+                .where(
+                    MessageRow.id == mid,
+                    MessageRow.status == PENDING,
+                    or_(MessageRow.lease_until.is_(None), MessageRow.lease_until < now),
+                )
+                .values(
+                    next_attempt_at=now,
+                    due_at=due,
+                    lease_until=None,
+                    lease_token=None,
+                    updated_at=now,
+                )
+                .execution_options(synchronize_session=False)
             )
-            .values(
-                next_attempt_at=now, due_at=due, lease_until=None, lease_token=None, updated_at=now
-            )
-            .execution_options(synchronize_session=False)
-        ).rowcount
+        )
         if pending:
             report.done.append(mid)
             report.woken.append(mid)
@@ -103,23 +110,25 @@ def retry_messages(
 def cancel_messages(session: Session, message_ids: list[int], *, now: datetime) -> ActionReport:
     report = ActionReport()
     for mid in message_ids:
-        changed = session.execute(
-            update(MessageRow)
-            .where(
-                MessageRow.id == mid,
-                MessageRow.status == PENDING,
-                or_(MessageRow.lease_until.is_(None), MessageRow.lease_until < now),
+        changed = changed_rows(
+            session.execute(
+                update(MessageRow)
+                .where(
+                    MessageRow.id == mid,
+                    MessageRow.status == PENDING,
+                    or_(MessageRow.lease_until.is_(None), MessageRow.lease_until < now),
+                )
+                .values(
+                    status=MessageStatus.CANCELLED.value,
+                    finished_at=now,
+                    updated_at=now,
+                    lease_until=None,
+                    lease_token=None,
+                    last_error="Cancelled by an operator.",
+                )
+                .execution_options(synchronize_session=False)
             )
-            .values(
-                status=MessageStatus.CANCELLED.value,
-                finished_at=now,
-                updated_at=now,
-                lease_until=None,
-                lease_token=None,
-                last_error="Cancelled by an operator.",
-            )
-            .execution_options(synchronize_session=False)
-        ).rowcount
+        )
         if changed:
             report.done.append(mid)
         else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import click
 
@@ -79,7 +80,7 @@ def explain(replies: tuple[str, ...], stage: str | None, as_json: bool) -> None:
         if sys.stdin.isatty():
             raise click.UsageError("give one or more replies, or pipe them one per line")
         texts = [line for line in sys.stdin.read().splitlines() if line.strip()]
-    results = []
+    results: list[dict[str, Any]] = []
     for text in texts:
         e = explain_text(text.replace("\\r\\n", "\n"), Stage(stage) if stage else None)
         results.append({"reply": text, **e.as_dict()})

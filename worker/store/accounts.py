@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from worker.crypto import SecretBox
 from worker.intake import FieldError, InvalidRequest, _Collector, normalize_address
+from worker.store.db import changed_rows
 from worker.store.models import Account, Incident, MessageStatus, SmtpSlot, TlsMode
 from worker.store.models import Message as MessageRow
 
@@ -198,7 +199,7 @@ def wake_account(session: Session, account_id: int, *, now: datetime) -> int:
         .values(next_attempt_at=now, due_at=now, updated_at=now)
         .execution_options(synchronize_session=False)
     )
-    return int(result.rowcount or 0)
+    return changed_rows(result)
 
 
 def _resize_slots(session: Session, account: Account) -> None:
@@ -225,13 +226,14 @@ def get_account(session: Session, name: str) -> Account | None:
 
 def account_summary(session: Session, account: Account, *, now: datetime) -> dict[str, Any]:
     """What `outbox account show` prints: settings (never the password) and health."""
-    counts = dict(
-        session.execute(
+    counts: dict[str, int] = {
+        status: count
+        for status, count in session.execute(
             select(MessageRow.status, func.count())
             .where(MessageRow.account_id == account.id)
             .group_by(MessageRow.status)
-        ).all()
-    )
+        )
+    }
     incident = session.scalar(
         select(Incident).where(Incident.account_id == account.id, Incident.closed_at.is_(None))
     )

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from worker.intake import EmailRequest, FieldError, InvalidRequest, deadline_for, new_message_id
 from worker.message import Attachment, OutgoingEmail
+from worker.store.db import changed_rows
 from worker.store.models import (
     Account,
     AttachmentRow,
@@ -332,7 +333,7 @@ def record(
         .values(**values)
         .execution_options(synchronize_session=False)
     )
-    owned = bool(result.rowcount)
+    owned = bool(changed_rows(result))
     if not owned and update_.status == MessageStatus.SENT.value:
         # Mail that went out is recorded as sent even if the lease was lost meanwhile.
         session.execute(
