@@ -8,6 +8,7 @@ not the broker, says what must be sent.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy.exc import OperationalError
@@ -30,36 +31,34 @@ def message_id_arg(value: Any) -> int | None:
     return number if number > 0 else None
 
 
-@app.task(
-    name="outbox.send",
-    autoretry_for=(OperationalError,),
-    retry_backoff=2,
-    retry_backoff_max=60,
-    max_retries=10,
-)
+#: A wake-up whose database was briefly unreachable is tried again by Celery; the claim
+#: makes the second run safe.
+DB_RETRY = {
+    "autoretry_for": (OperationalError,),
+    "retry_backoff": 2,
+    "retry_backoff_max": 60,
+    "max_retries": 10,
+}
+
+
+@app.task(name="outbox.send", **DB_RETRY)
 def send(message_id: Any) -> str:
-    mid = message_id_arg(message_id)
-    if mid is None:
-        log.error("outbox.send refused a malformed message id: %r", message_id)
-        return "refused"
-    outcome = runtime().engine.deliver(mid)
-    follow_up(outcome)
-    return outcome.action.value
+    return _run("outbox.send", message_id, lambda mid: runtime().engine.deliver(mid))
 
 
-@app.task(
-    name="outbox.deliver_via_backup",
-    autoretry_for=(OperationalError,),
-    retry_backoff=2,
-    retry_backoff_max=60,
-    max_retries=10,
-)
+@app.task(name="outbox.deliver_via_backup", **DB_RETRY)
 def deliver_via_backup(message_id: Any) -> str:
+    return _run(
+        "outbox.deliver_via_backup", message_id, lambda mid: runtime().backup_engine().deliver(mid)
+    )
+
+
+def _run(task: str, message_id: Any, deliver: Callable[[int], Outcome]) -> str:
     mid = message_id_arg(message_id)
     if mid is None:
-        log.error("outbox.deliver_via_backup refused a malformed message id: %r", message_id)
+        log.error("%s refused a malformed message id: %r", task, message_id)
         return "refused"
-    outcome = runtime().backup_engine().deliver(mid)
+    outcome = deliver(mid)
     follow_up(outcome)
     return outcome.action.value
 
