@@ -106,9 +106,18 @@ def _logging(loglevel: str | int | None = None, **_: object) -> None:
 
 @worker_process_init.connect
 def _after_fork(**_: object) -> None:
-    """Pools must not cross fork(): each child gets its own connections."""
+    """Pools must not cross fork(): each child gets its own connections.
+
+    Children also ignore SIGTERM, as Celery already makes them ignore SIGINT: hosts that
+    signal the whole process group (Heroku, `kill -- -PGID`, supervisord's stopasgroup)
+    would otherwise kill a child mid-send and leave the parent waiting forever in its
+    pool shutdown. The parent's warm shutdown stops the children itself.
+    """
+    import signal
+
     from tasks.runtime import reset_after_fork
 
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     reset_after_fork()
 
 
