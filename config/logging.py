@@ -31,8 +31,34 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(payload, default=str)
 
 
+class HideMessageContent(logging.Filter):
+    """Celery's consumer logs the raw body and headers of a message it cannot run (an
+    unregistered task name, an undecodable payload). For `outbox.enqueue` that is a whole
+    email: keep the task name and id, drop the rest."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name != "celery.worker.consumer.consumer" or not record.args:
+            return True
+        from celery.worker.consumer import consumer
+
+        args = record.args if isinstance(record.args, tuple) else (record.args,)
+        hidden = "<hidden by Outbox: message content is never logged>"
+        if record.msg is consumer.UNKNOWN_TASK_ERROR and len(args) >= 4:
+            headers = args[2] if isinstance(args[2], dict) else {}
+            kept = {k: headers.get(k) for k in ("task", "id") if k in headers}
+            record.args = (args[0], hidden, kept, args[3])
+        elif record.msg is consumer.INVALID_TASK_ERROR and len(args) >= 2:
+            record.args = (args[0], hidden)
+        elif record.msg is consumer.MESSAGE_DECODE_ERROR and len(args) >= 5:
+            record.args = (args[0], args[1], args[2], hidden, hidden)
+        elif "body:" in str(record.msg) or any("body:" in str(a) for a in args):
+            record.args = tuple(hidden for _ in args)
+        return True
+
+
 def configure_logging(*, json_lines: bool, level: str | int = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(HideMessageContent())
     if json_lines:
         handler.setFormatter(JsonFormatter())
     else:

@@ -28,7 +28,8 @@ def message_id_arg(value: Any) -> int | None:
         number = int(value)
     except ValueError:
         return None
-    return number if number > 0 else None
+    # A database id is a positive 64-bit integer; anything else is not a message of ours.
+    return number if 0 < number < 2**63 else None
 
 
 #: A wake-up whose database was briefly unreachable is tried again by Celery; the claim

@@ -63,9 +63,14 @@ MAX_HEADER_CHARS = 998
 MAX_IDEMPOTENCY_KEY_CHARS = 255
 MAX_HEADERS = 50
 MAX_ATTACHMENTS = 50
-_FIELD_NAME = re.compile(r"^[!-9;-~]+$")  # printable ASCII except ':' (RFC 5322 ftext)
-_CONTENT_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*$")
-_FORBIDDEN_IN_HEADER = re.compile(r"[\r\n\x00]")
+# Whole-string matches (fullmatch): `$` alone would let a trailing newline through.
+_FIELD_NAME = re.compile(r"[!-9;-~]+")  # printable ASCII except ':' (RFC 5322 ftext)
+_CONTENT_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*")
+#: NUL and every character Python's `str.splitlines` (and so the `email` package) treats
+#: as a line break: in a header, each would start a new header line.
+_FORBIDDEN_IN_HEADER = re.compile("[\x00\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
+#: Errors reported per list field; past this, one line says how many more there were.
+MAX_ERRORS_PER_LIST = 10
 
 
 @dataclass(frozen=True)
@@ -136,7 +141,7 @@ def _check_text_value(errors: _Collector, name: str, value: str, *, header: bool
         errors.add(name, "is not valid UTF-8 text (it holds unpaired surrogates)")
         return False
     if header and _FORBIDDEN_IN_HEADER.search(value):
-        errors.add(name, "must not contain line breaks (CR/LF) or NUL characters")
+        errors.add(name, "must not contain line breaks (CR, LF or other separators) or NUL")
         return False
     if not header and "\x00" in value:
         errors.add(name, "must not contain NUL characters")
@@ -170,7 +175,9 @@ def normalize_address(value: Any, name: str, errors: _Collector) -> str | None:
     return result.normalized
 
 
-def _address_list(payload: Mapping[str, Any], key: str, errors: _Collector) -> tuple[str, ...]:
+def _address_list(
+    payload: Mapping[str, Any], key: str, errors: _Collector, *, limit: int
+) -> tuple[str, ...]:
     value = payload.get(key)
     if value is None:
         return ()
@@ -179,11 +186,19 @@ def _address_list(payload: Mapping[str, Any], key: str, errors: _Collector) -> t
     if not isinstance(value, (list, tuple)):
         errors.add(key, f"must be a list of addresses, not {type(value).__name__}")
         return ()
+    if len(value) > limit:
+        # Refused before validating thousands of addresses one by one.
+        errors.add(key, f"has {len(value):,} addresses; at most {limit} in to/cc/bcc together")
+        return ()
     out = []
+    local = _Collector()
     for index, item in enumerate(value):
-        address = normalize_address(item, f"{key}[{index}]", errors)
+        address = normalize_address(item, f"{key}[{index}]", local)
         if address is not None:
             out.append(address)
+    errors.errors.extend(local.errors[:MAX_ERRORS_PER_LIST])
+    if len(local.errors) > MAX_ERRORS_PER_LIST:
+        errors.add(key, f"and {len(local.errors) - MAX_ERRORS_PER_LIST} more invalid addresses")
     return tuple(out)
 
 
@@ -223,10 +238,10 @@ def _headers(payload: Mapping[str, Any], errors: _Collector) -> tuple[tuple[str,
     out = []
     for name, header_value in pairs:
         label = f"headers[{name!r}]"
-        if not _is_str(name) or not _FIELD_NAME.match(name) or len(name) > 76:
+        if not _is_str(name) or not _FIELD_NAME.fullmatch(name) or len(name) > 76:
             errors.add(label, "is not a valid header name (printable ASCII without ':' or spaces)")
             continue
-        if name.lower() in RESERVED_HEADERS:
+        if name.lower() in RESERVED_HEADERS or name.lower().startswith("content-"):
             errors.add(label, "is set by Outbox itself; use the matching field instead")
             continue
         if not _is_str(header_value):
@@ -269,7 +284,7 @@ def _attachments(payload: Mapping[str, Any], errors: _Collector) -> tuple[Attach
         if "/" in filename or "\\" in filename or len(filename) > 255:
             errors.add(f"{label}.filename", "must be a plain file name (no path, at most 255)")
             continue
-        if not _is_str(content_type) or not _CONTENT_TYPE.match(content_type):
+        if not _is_str(content_type) or not _CONTENT_TYPE.fullmatch(content_type):
             errors.add(f"{label}.content_type", f"{content_type!r} is not a MIME type")
             continue
         data = item.get("data")
@@ -297,18 +312,23 @@ def validate_request(payload: Mapping[str, Any], *, limits: Limits) -> EmailRequ
         raise InvalidRequest([FieldError("request", "must be an object of named fields")])
     unknown = set(payload) - REQUEST_FIELDS
     for name in sorted(unknown, key=str):
-        errors.add(str(name), "is not a field of outbox.enqueue (schema v1)")
+        # A field name is caller input: shown as repr unless it is a plain identifier,
+        # so it can never forge a line in a log.
+        label = name if isinstance(name, str) and name.isidentifier() else repr(name)[:80]
+        errors.add(label, "is not a field of outbox.enqueue (schema v1)")
 
     account = payload.get("account")
     if not _is_str(account) or not account.strip():
         errors.add("account", "is required: the name of a configured account")
         account = ""
-    elif len(account) > 100 or _FORBIDDEN_IN_HEADER.search(account):
-        errors.add("account", "is not a valid account name")
+    elif len(account) > 100 or not _check_text_value(errors, "account", account, header=True):
+        if len(account) > 100:
+            errors.add("account", "is not a valid account name (at most 100 characters)")
+        account = ""
 
-    to = _address_list(payload, "to", errors)
-    cc = _address_list(payload, "cc", errors)
-    bcc = _address_list(payload, "bcc", errors)
+    to = _address_list(payload, "to", errors, limit=limits.max_recipients)
+    cc = _address_list(payload, "cc", errors, limit=limits.max_recipients)
+    bcc = _address_list(payload, "bcc", errors, limit=limits.max_recipients)
     if not payload.get("to") and not any(e.field.startswith("to") for e in errors.errors):
         errors.add("to", "needs at least one recipient")
     total = len(set(to) | set(cc) | set(bcc))
@@ -349,16 +369,17 @@ def validate_request(payload: Mapping[str, Any], *, limits: Limits) -> EmailRequ
             f"must be a printable string of 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters",
         )
 
-    size = (
-        len((text or "").encode("utf-8", "replace"))
-        + len((html or "").encode("utf-8", "replace"))
-        + sum(len(a.data) * 4 // 3 for a in attachments)
-        + len(subject.encode("utf-8", "replace"))
-        + sum(len(n) + len(v) for n, v in headers)
-    )
+    parts = {
+        "text": len((text or "").encode("utf-8", "replace")),
+        "html": len((html or "").encode("utf-8", "replace")),
+        "attachments": sum(len(a.data) * 4 // 3 for a in attachments),
+        "subject": len(subject.encode("utf-8", "replace")),
+        "headers": sum(len(n) + len(v) for n, v in headers),
+    }
+    size = sum(parts.values())
     if size > limits.max_message_bytes:
         errors.add(
-            "attachments" if attachments else "text",
+            max(parts, key=lambda k: parts[k]),  # the field that made it too large
             f"the message would be about {size:,} bytes; the limit is "
             f"{limits.max_message_bytes:,} (OUTBOX_MAX_MESSAGE_BYTES)",
         )

@@ -223,6 +223,7 @@ def account_list(ctx: Context, as_json: bool) -> None:
 @pass_ctx
 def account_test(ctx: Context, name: str, as_json: bool) -> None:
     """Connect, STARTTLS/TLS and AUTH with the account's settings; no mail is sent."""
+    from worker.crypto import SecretKeyError
     from worker.delivery import DeliveryEngine, EngineConfig
     from worker.replies import classify
     from worker.smtp import SmtpConnectionPool
@@ -234,7 +235,10 @@ def account_test(ctx: Context, name: str, as_json: bool) -> None:
         account = get_account(session, name)
         if account is None:
             fail(f"no account named {name!r}", as_json=as_json)
-        smtp_account = engine.smtp_account(account)
+        try:
+            smtp_account = engine.smtp_account(account)
+        except SecretKeyError as exc:
+            fail(f"account {name}: {exc}", as_json=as_json)
     reply = pool.probe(smtp_account)
     pool.close()
     explanation = classify(reply)

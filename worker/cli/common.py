@@ -10,6 +10,7 @@ from typing import Any, NoReturn
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 #: Exit codes scripts can trust.
@@ -83,7 +84,8 @@ def fail(message: str, *, code: int = EXIT_REFUSED, as_json: bool = False) -> No
     if as_json:
         click.echo(json.dumps({"error": message}))
     else:
-        err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+        # The message may quote caller input: never read it as rich markup.
+        err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     sys.exit(code)
 
 
@@ -98,20 +100,27 @@ def _default(value: Any) -> Any:
 
 
 def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
-    t = Table(title=title, title_justify="left", header_style="bold")
+    t = Table(title=escape(title) if title else None, title_justify="left", header_style="bold")
     for column in columns:
         t.add_column(column, overflow="fold")
     for row in rows:
-        t.add_row(*("" if v is None else str(v) for v in row))
+        # Cells hold caller data (subjects, server replies): never rich markup.
+        t.add_row(*("" if v is None else escape(str(v)) for v in row))
     console.print(t)
 
 
 def pairs(title: str | None, items: Iterable[tuple[str, Any]]) -> None:
-    t = Table(title=title, title_justify="left", show_header=False, box=None, pad_edge=False)
+    t = Table(
+        title=escape(title) if title else None,
+        title_justify="left",
+        show_header=False,
+        box=None,
+        pad_edge=False,
+    )
     t.add_column(style="bold")
     t.add_column(overflow="fold")
     for key, value in items:
-        t.add_row(key, "" if value is None else str(value))
+        t.add_row(key, "" if value is None else escape(str(value)))
     console.print(t)
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from worker.cli.common import Context, emit_json, pairs, pass_ctx, table
+from worker.cli.common import Context, emit_json, fail, pairs, pass_ctx, table
 
 
 @click.group("db")
@@ -120,14 +120,24 @@ def rotate_key(ctx: Context, as_json: bool) -> None:
     """
     from sqlalchemy import select
 
+    from worker.crypto import SecretKeyError
     from worker.store.models import Account
 
     rotated = 0
-    with ctx.db.session() as session:
-        for account in session.scalars(select(Account).with_for_update()):
-            if account.smtp_password_encrypted:
-                account.smtp_password_encrypted = ctx.box.rotate(account.smtp_password_encrypted)
-                rotated += 1
+    try:
+        # One transaction: a secret that cannot be decrypted leaves every row as it was.
+        with ctx.db.session() as session:
+            for account in session.scalars(select(Account).with_for_update()):
+                if account.smtp_password_encrypted:
+                    try:
+                        account.smtp_password_encrypted = ctx.box.rotate(
+                            account.smtp_password_encrypted
+                        )
+                    except SecretKeyError as exc:
+                        raise SecretKeyError(f"account {account.name}: {exc}") from None
+                    rotated += 1
+    except SecretKeyError as exc:
+        fail(f"{exc}; nothing was changed", as_json=as_json)
     if as_json:
         emit_json({"rotated": rotated})
     else:
