@@ -13,6 +13,8 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
+from typing import Any
 
 from sqlalchemy import text
 
@@ -65,20 +67,14 @@ def time_batches(db: Database, *, batch: int, repeats: int) -> list[float]:
     return timings
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="10000,100000,1000000")
-    parser.add_argument(
-        "--batch",
-        type=int,
-        default=100,
-        help="rows per batch: 100 = all that is due at 10k, so every size does the same work",
-    )
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--json", dest="json_path")
-    args = parser.parse_args()
-    sizes = [int(s) for s in args.sizes.split(",")]
-
+def measure(
+    sizes: list[int],
+    *,
+    batch: int = 100,
+    repeats: int = 7,
+    progress: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Fill a throwaway database to each size in turn and time one sweep batch on it."""
     url, drop = create_pg_database()
     try:
         migrate.upgrade(url)
@@ -92,12 +88,12 @@ def main() -> None:
                     "'none', false, 2, false, 1, 0, now(), now())"
                 )
             )
-        rows = []
+        rows: list[dict[str, Any]] = []
         for size in sorted(sizes):
             t0 = time.perf_counter()
             fill(db, size)
             fill_s = time.perf_counter() - t0
-            timings = time_batches(db, batch=args.batch, repeats=args.repeats)
+            timings = time_batches(db, batch=batch, repeats=repeats)
             with db.engine.connect() as conn:
                 plan = (
                     conn.execute(
@@ -114,7 +110,7 @@ def main() -> None:
                 {
                     "messages": size,
                     "due": size // 100,
-                    "batch": args.batch,
+                    "batch": batch,
                     "median_ms": round(statistics.median(timings), 2),
                     "min_ms": round(min(timings), 2),
                     "max_ms": round(max(timings), 2),
@@ -122,23 +118,42 @@ def main() -> None:
                     "fill_s": round(fill_s, 1),
                 }
             )
-            print(
-                f"{size:>10,} messages  {size // 100:>7,} due  batch {args.batch}: "
+            progress(
+                f"{size:>10,} messages  {size // 100:>7,} due  batch {batch}: "
                 f"median {rows[-1]['median_ms']:7.2f} ms  (min {rows[-1]['min_ms']:.2f}, "
-                f"max {rows[-1]['max_ms']:.2f})  partial index: {rows[-1]['uses_partial_index']}",
-                flush=True,
+                f"max {rows[-1]['max_ms']:.2f})  partial index: {rows[-1]['uses_partial_index']}"
             )
-        base = rows[0]["median_ms"]
-        print(
-            f"\nratio largest/smallest: {rows[-1]['median_ms'] / base:.2f}x "
-            f"(target: flat, < 2x; < 50 ms at 1M)"
-        )
-        if args.json_path:
-            with open(args.json_path, "w") as f:
-                json.dump({"sweep": rows, "at": utcnow().isoformat()}, f, indent=2)
         db.dispose()
+        return rows
     finally:
         drop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="10000,100000,1000000")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=100,
+        help="rows per batch: 100 = all that is due at 10k, so every size does the same work",
+    )
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--json", dest="json_path")
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+
+    rows = measure(
+        sizes, batch=args.batch, repeats=args.repeats, progress=lambda line: print(line, flush=True)
+    )
+    base = rows[0]["median_ms"]
+    print(
+        f"\nratio largest/smallest: {rows[-1]['median_ms'] / base:.2f}x "
+        f"(target: flat, < 2x; < 50 ms at 1M)"
+    )
+    if args.json_path:
+        with open(args.json_path, "w") as f:
+            json.dump({"sweep": rows, "at": utcnow().isoformat()}, f, indent=2)
 
 
 if __name__ == "__main__":

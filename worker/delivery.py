@@ -19,7 +19,7 @@ from email.utils import parseaddr
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from worker.clock import Clock, utcnow
@@ -144,8 +144,12 @@ class DeliveryEngine:
             got = claim(session, message_id, now=now, lease_s=self.config.lease_s, token=token)
             if isinstance(got, NotClaimed):
                 return Outcome(message_id, Action.SKIPPED, detail=got.reason)
-            account = session.get(Account, got.account_id)
-            assert account is not None
+            # The account and its open incident (if any) in one round trip.
+            account, incident_id = session.execute(
+                select(Account, incident_store.open_incident_id(Account.id)).where(
+                    Account.id == got.account_id
+                )
+            ).one()
             if now >= got.deadline:
                 release(
                     session,
@@ -172,10 +176,11 @@ class DeliveryEngine:
                 return self._hold_back(
                     session, got, now, self.config.policy.max_s, str(exc), park=True
                 )
-            gated = self._gate(session, got, account, now)
+            gated = self._gate(session, got, account, now, incident_id)
             if gated is not None:
                 return gated
             account_name = account.name
+            throttle_level = account.throttle_level
 
         email = got.email
         data = compose(email).as_bytes()
@@ -201,7 +206,15 @@ class DeliveryEngine:
         # database restart here is waited out rather than given up on.
         outcome = self.db.run(
             lambda session: self._record_smtp(
-                session, got, result, decision, now, finished, smtp_account.key
+                session,
+                got,
+                result,
+                decision,
+                now,
+                finished,
+                smtp_account.key,
+                throttle_level,
+                incident_seen=incident_id is not None,
             )
         )
         self._log_attempt(got, account_name, result.reply, decision, outcome)
@@ -247,14 +260,24 @@ class DeliveryEngine:
         )
 
     def _gate(
-        self, session: Session, got: Claimed, account: Account, now: datetime
+        self,
+        session: Session,
+        got: Claimed,
+        account: Account,
+        now: datetime,
+        incident_id: int | incident_store.Unknown | None = incident_store.UNKNOWN,
     ) -> Outcome | None:
         """May this message talk to the server now? If not, give the claim back."""
         if account.throttle_until is not None and account.throttle_until > now:
             wait = (account.throttle_until - now).total_seconds() * (1 + 0.2 * self.rng())
             return self._hold_back(session, got, now, wait, "the server asked us to slow down")
         circuit = incident_store.check_circuit(
-            session, account.id, got.id, now=now, lease_s=self.config.lease_s
+            session,
+            account.id,
+            got.id,
+            now=now,
+            lease_s=self.config.lease_s,
+            incident_id=incident_id,
         )
         if not circuit.allowed:
             # Wait for the incident to close (which wakes everyone), or at the latest
@@ -304,15 +327,24 @@ class DeliveryEngine:
         started: datetime,
         finished: datetime,
         smtp_key: str,
+        throttle_level: int | None = None,
+        *,
+        incident_seen: bool = True,
     ) -> Outcome:
         reply = decision.explanation.reply
-        account = session.get(Account, got.account_id)
-        assert account is not None
+        account_id = got.account_id
         notices: list[Notice] = []
         wake_account_id: int | None = None
 
         next_at = decision.next_attempt_at
+        # Only a slow-down, or the end of one, needs the account row (throttle_level is
+        # what the claim read; None: unknown, load it).
+        account: Account | None = None
+        if decision.throttle or (decision.reached_server and throttle_level != 0):
+            account = session.get(Account, account_id)
+            assert account is not None
         if decision.throttle:
+            assert account is not None
             account.throttle_level = (account.throttle_level or 0) + 1
             # Doubles per repeated request, capped like retries (but never below the
             # first pause: a slow-down shorter than asked for is no slow-down).
@@ -322,14 +354,14 @@ class DeliveryEngine:
             account.throttle_until = finished + timedelta(seconds=pause)
             if next_at is not None and next_at < account.throttle_until:
                 next_at = min(account.throttle_until, got.deadline)
-        elif decision.reached_server and account.throttle_level:
+        elif account is not None and decision.reached_server and account.throttle_level:
             account.throttle_level = 0
             account.throttle_until = None
 
         if decision.account_problem:
             incident_id, opened = incident_store.note_account_failure(
                 session,
-                account.id,
+                account_id,
                 decision.explanation
                 if decision.explanation.verdict is Verdict.ACCOUNT
                 else classify(result.reply),
@@ -339,25 +371,28 @@ class DeliveryEngine:
             )
             if opened:
                 notices.append(Notice(incident_id, "opened"))
-        elif decision.reached_server or decision.status == MessageStatus.SENT.value:
-            closed = incident_store.close_incident(session, account.id, now=finished)
+        elif incident_seen and (
+            decision.reached_server or decision.status == MessageStatus.SENT.value
+        ):
+            # Only when the claim saw an open incident: no UPDATE per message otherwise.
+            closed = incident_store.close_incident(session, account_id, now=finished)
             if closed is not None:
                 notices.append(Notice(closed, "recovered"))
-                wake_account(session, account.id, now=finished)
-                wake_account_id = account.id
+                wake_account(session, account_id, now=finished)
+                wake_account_id = account_id
 
         if self.pool.has_connection(smtp_key):
             # The connection stays open for reuse: keep its slot until it would be closed
             # as idle (plus the reaper's tick), so the cap counts idle connections too.
             slots.hold_slot(
                 session,
-                account.id,
+                account_id,
                 holder=self.holder,
                 now=finished,
                 hold_s=self.config.smtp_idle_s + 2.0,
             )
         else:
-            slots.release_slot(session, account.id, holder=self.holder)
+            slots.release_slot(session, account_id, holder=self.holder)
 
         per_recipient = {}
         for rcpt in got.recipients:

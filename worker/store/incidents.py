@@ -7,8 +7,10 @@ and closing are the moments people are told, once each.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import or_, select, update
 from sqlalchemy.exc import IntegrityError
@@ -31,13 +33,44 @@ def open_incident(session: Session, account_id: int) -> Incident | None:
     )
 
 
-def check_circuit(
-    session: Session, account_id: int, message_id: int, *, now: datetime, lease_s: float
-) -> Circuit:
-    """With no open incident, anyone may send; with one, only the probe may."""
-    incident_id = session.scalar(
-        select(Incident.id).where(Incident.account_id == account_id, Incident.closed_at.is_(None))
+class Unknown(enum.Enum):
+    UNKNOWN = "unknown"
+
+
+#: "Not read yet": `check_circuit` reads the open incident itself.
+UNKNOWN = Unknown.UNKNOWN
+
+
+def open_incident_id(account_id: Any) -> Any:
+    """A scalar subquery: the account's open incident id, or NULL."""
+    return (
+        select(Incident.id)
+        .where(Incident.account_id == account_id, Incident.closed_at.is_(None))
+        .limit(1)
+        .scalar_subquery()
     )
+
+
+def check_circuit(
+    session: Session,
+    account_id: int,
+    message_id: int,
+    *,
+    now: datetime,
+    lease_s: float,
+    incident_id: int | Unknown | None = UNKNOWN,
+) -> Circuit:
+    """With no open incident, anyone may send; with one, only the probe may.
+
+    `incident_id`: the open incident as the caller already read it in this transaction
+    (saves a round trip); by default it is read here.
+    """
+    if incident_id is UNKNOWN:
+        incident_id = session.scalar(
+            select(Incident.id).where(
+                Incident.account_id == account_id, Incident.closed_at.is_(None)
+            )
+        )
     if incident_id is None:
         return Circuit(allowed=True)
     took = session.execute(

@@ -12,6 +12,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -86,6 +88,12 @@ def accept(
         AttachmentRow(position=i, filename=a.filename, content_type=a.content_type, data=a.data)
         for i, a in enumerate(request.attachments)
     ]
+    if request.idempotency_key is None:
+        # No key, no twin to find: an IntegrityError could only be re-raised anyway, so
+        # the savepoint (two round trips) buys nothing.
+        session.add(row)
+        session.flush()
+        return Accepted(row.id, created=True)
     try:
         # A savepoint, so a concurrent twin with the same key costs a re-read, not the
         # caller's whole transaction.
@@ -169,15 +177,14 @@ def claim(
             attempt_count=MessageRow.attempt_count + 1,
             updated_at=now,
         )
-        .returning(MessageRow.attempt_count)
-        .execution_options(synchronize_session=False)
+        # The whole row comes back with the claim: one round trip, not UPDATE + SELECT.
+        .returning(MessageRow)
+        .execution_options(synchronize_session=False, populate_existing=True)
     )
-    attempt_number = session.execute(stmt).scalar()
-    if attempt_number is None:
+    row = session.scalars(stmt).one_or_none()
+    if row is None:
         return _why_not(session, message_id, now=now)
-    row = session.get(MessageRow, message_id, populate_existing=True)
-    assert row is not None
-    return _claimed(row, token=token, attempt_number=attempt_number, lease_until=lease_until)
+    return _claimed(row, token=token, attempt_number=row.attempt_count, lease_until=lease_until)
 
 
 def _claimed(row: MessageRow, *, token: str, attempt_number: int, lease_until: datetime) -> Claimed:
@@ -361,17 +368,13 @@ def _write_attempt(session: Session, claimed: Claimed, attempt: AttemptRecord) -
         "provider_message_id": attempt.provider_message_id,
         "worker": attempt.worker,
     }
-    try:
-        with session.begin_nested():
-            session.add(Attempt(message_id=claimed.id, number=claimed.attempt_number, **fields))
-            session.flush()
-    except IntegrityError:
-        # The sweeper already wrote this attempt as interrupted; the real result wins.
-        session.execute(
-            update(Attempt)
-            .where(Attempt.message_id == claimed.id, Attempt.number == claimed.attempt_number)
-            .values(**fields)
-        )
+    # If the sweeper already wrote this attempt as interrupted, the real result wins:
+    # one INSERT ... ON CONFLICT DO UPDATE; no savepoint round trips, no ORM flush.
+    insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    stmt = insert(Attempt).values(message_id=claimed.id, number=claimed.attempt_number, **fields)
+    session.execute(
+        stmt.on_conflict_do_update(index_elements=["message_id", "number"], set_=fields)
+    )
 
 
 def due_of_account(

@@ -1,0 +1,239 @@
+"""What one delivery costs, in process: `DeliveryEngine.deliver` in a loop, no Celery.
+
+    python -m bench.profile_deliver [--messages 2000] [--profile text|html|none]
+
+Against a throwaway PostgreSQL database and the `bench.sink` SMTP sink (its own
+process), with the engine built exactly as a worker child builds it
+(`tasks.runtime.Runtime`). Reports per message: SQL statements (by kind), transactions,
+pool checkouts (each one a pre-ping round trip), and where the time goes (claim
+transaction, compose, SMTP, record transaction); then, with --profile, a pyinstrument
+profile of the loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+from sqlalchemy import event
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process, from /proc (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _pg_backends(url: str) -> list[int]:
+    """The server processes serving this database (asked on a separate connection)."""
+    import psycopg
+
+    with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://")) as conn:
+        rows = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+            "AND pid <> pg_backend_pid()"
+        ).fetchall()
+    return [r[0] for r in rows]
+
+
+def _sink_stats(port: int, *, reset: bool = False) -> dict[str, Any]:
+    import json
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"RESET\n" if reset else b"STATS\n")
+        return json.loads(s.makefile().readline())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=2000)
+    parser.add_argument("--profile", choices=("text", "html", "none"), default="text")
+    parser.add_argument("--show-sql", action="store_true", help="print each distinct statement")
+    args = parser.parse_args()
+
+    from tests.support.services import TEST_SECRET_KEY, create_pg_database
+
+    url, drop = create_pg_database()
+    sink = subprocess.Popen(
+        [sys.executable, "-m", "bench.sink"], stdout=subprocess.PIPE, start_new_session=True
+    )
+    try:
+        assert sink.stdout is not None
+        line = sink.stdout.readline().decode()
+        ports = dict(p.split("=") for p in line.split()[1:])
+        port, control = int(ports["smtp"]), int(ports["control"])
+        os.environ.update(
+            {
+                "OUTBOX_DATABASE_URL": url,
+                "OUTBOX_BROKER_URL": "redis://127.0.0.1:6379/13",
+                "OUTBOX_SECRET_KEY": TEST_SECRET_KEY,
+            }
+        )
+        from config.settings import get_settings
+        from tasks.runtime import Runtime
+        from tests.support.outbox import make_account
+        from worker.client import Outbox
+        from worker.intake import Limits
+        from worker.store import migrate
+
+        get_settings.cache_clear()
+        settings = get_settings()
+        migrate.upgrade(url)
+        rt = Runtime(settings)
+        make_account(rt.db, rt.box, "bench", port=port, tls_mode="none", max_connections=2)
+        client = Outbox(
+            rt.db,
+            limits=Limits(),
+            window_s=settings.retry_window_s,
+            wake_grace_s=settings.wake_grace_s,
+            wake=None,
+        )
+        n = args.messages
+        ids = [
+            client.enqueue(
+                account="bench",
+                to=[f"user{i}@example.com"],
+                subject="Your invoice is ready",
+                text=("Hello, this is a benchmark message from Outbox. " * 40).strip(),
+            ).id
+            for i in range(n + 50)
+        ]
+        engine = rt.engine
+
+        # -- counters -------------------------------------------------------------------
+        statements: collections.Counter[str] = collections.Counter()
+        counts = collections.Counter()
+
+        @event.listens_for(rt.db.engine, "before_cursor_execute")
+        def _stmt(conn: Any, cursor: Any, stmt: str, params: Any, ctx: Any, many: bool) -> None:
+            counts["statements"] += 1
+            statements[" ".join(stmt.split())[: 400 if args.show_sql else 110]] += 1
+
+        @event.listens_for(rt.db.engine, "begin")
+        def _begin(conn: Any) -> None:
+            counts["transactions"] += 1
+
+        @event.listens_for(rt.db.engine, "savepoint")
+        def _savepoint(conn: Any, name: Any) -> None:
+            counts["savepoints"] += 1
+
+        @event.listens_for(rt.db.engine.pool, "checkout")
+        def _checkout(*_: Any) -> None:
+            counts["pool checkouts"] += 1
+
+        real_ping = rt.db.engine.dialect.do_ping
+
+        def counted_ping(dbapi_conn: Any) -> bool:
+            counts["pings"] += 1
+            return real_ping(dbapi_conn)
+
+        rt.db.engine.dialect.do_ping = counted_ping  # type: ignore[method-assign]
+
+        phases: dict[str, list[float]] = collections.defaultdict(list)
+        real_send = rt.pool.send
+        mark: dict[str, float] = {}
+
+        def timed_send(*a: Any, **kw: Any) -> Any:
+            t = time.perf_counter()
+            phases["claim txn + compose"].append(t - mark["start"])
+            result = real_send(*a, **kw)
+            mark["smtp_done"] = time.perf_counter()
+            phases["SMTP (pool.send)"].append(mark["smtp_done"] - t)
+            return result
+
+        rt.pool.send = timed_send  # type: ignore[method-assign]
+
+        # Warm up: first connection, caches, statement compilation.
+        for mid in ids[:50]:
+            mark["start"] = time.perf_counter()
+            engine.deliver(mid)
+        statements.clear()
+        counts.clear()
+        phases.clear()
+        _sink_stats(control, reset=True)
+
+        profiler = None
+        if args.profile != "none":
+            from pyinstrument import Profiler
+
+            profiler = Profiler(interval=0.0005)
+            profiler.start()
+        totals = []
+        actions: collections.Counter[str] = collections.Counter()
+        others = {"sink": [sink.pid], "postgres": _pg_backends(url)}
+        others_before = {k: sum(_cpu_s(p) for p in v) for k, v in others.items()}
+        t_all = time.perf_counter()
+        cpu_all = time.process_time()
+        for mid in ids[50:]:
+            mark["start"] = t0 = time.perf_counter()
+            outcome = engine.deliver(mid)
+            end = time.perf_counter()
+            actions[outcome.action.value] += 1
+            totals.append(end - t0)
+            if "smtp_done" in mark:
+                phases["record txn + log"].append(end - mark.pop("smtp_done"))
+        elapsed = time.perf_counter() - t_all
+        cpu = time.process_time() - cpu_all
+        others_cpu = {k: sum(_cpu_s(p) for p in v) - others_before[k] for k, v in others.items()}
+        if profiler is not None:
+            profiler.stop()
+
+        print(f"\n{n} deliveries in process: {n / elapsed:,.0f} msg/s, outcomes {dict(actions)}")
+        print(
+            f"per message: {statistics.median(totals) * 1000:.3f} ms median wall, "
+            f"{cpu / n * 1000:.3f} ms CPU in this process (mean)"
+        )
+        print(
+            "  CPU per message: "
+            + ", ".join(
+                f"{k} {v / n * 1000:.3f} ms" for k, v in {"this process": cpu, **others_cpu}.items()
+            )
+            + f" = {(cpu + sum(others_cpu.values())) / n * 1000:.3f} ms in all"
+        )
+        sink_stats = _sink_stats(control)
+        print(
+            f"  sink: {sink_stats['messages']} messages on {sink_stats['connections']} "
+            f"connection(s), MAIL->DATA {sink_stats['tx_median_ms']:.3f} ms median"
+        )
+        for name, values in phases.items():
+            print(f"  {name:<22} {statistics.median(values) * 1000:7.3f} ms median")
+        print("\nper message:")
+        for key, value in sorted(counts.items()):
+            print(f"  {key:<22} {value / n:5.2f}")
+        trips = counts["statements"] + 2 * counts["transactions"] + counts["pings"]
+        print(
+            f"  round trips (approx.)  {trips / n:5.2f}"
+            "  (statements + BEGIN/COMMIT per transaction + pings)"
+        )
+        print("\nstatements per message:")
+        for stmt, c in statements.most_common():
+            print(f"  {c / n:5.2f}  {stmt}")
+        if profiler is not None:
+            if args.profile == "html":
+                path = "bench/results/profile_deliver.html"
+                os.makedirs("bench/results", exist_ok=True)
+                with open(path, "w") as f:
+                    f.write(profiler.output_html())
+                print(f"\nprofile: {path}")
+            else:
+                print(profiler.output_text(unicode=True, color=False, show_all=False))
+        rt.close()
+    finally:
+        sink.terminate()
+        sink.wait(timeout=10)
+        drop()
+
+
+if __name__ == "__main__":
+    main()
