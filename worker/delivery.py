@@ -205,7 +205,8 @@ class DeliveryEngine:
         # The mail may have gone out: losing this record would send it again, so a
         # database restart here is waited out rather than given up on.
         outcome = self.db.run(
-            lambda session: self._record_smtp(
+            give_up_after_s=got.record_time_s(self.clock()),
+            work=lambda session: self._record_smtp(
                 session,
                 got,
                 result,
@@ -215,7 +216,7 @@ class DeliveryEngine:
                 smtp_account.key,
                 throttle_level,
                 incident_seen=incident_id is not None,
-            )
+            ),
         )
         self._log_attempt(got, account_name, result.reply, decision, outcome)
         return outcome

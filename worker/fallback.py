@@ -128,7 +128,8 @@ class BackupEngine:
         finished = self.clock()
         # The provider may have accepted it: a lost record would send it again.
         outcome = self.db.run(
-            lambda session: self._record(session, got, result, backup_tries, now, finished)
+            lambda session: self._record(session, got, result, backup_tries, now, finished),
+            give_up_after_s=got.record_time_s(self.clock()),
         )
         log_fn = log.error if result.alert_operator else log.info
         log_fn(

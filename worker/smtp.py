@@ -168,6 +168,8 @@ class SmtpConnectionPool:
         self._clock = clock
         self._lock = threading.Lock()
         self._connections: dict[str, _Connection] = {}
+        #: The account key a send is using right now (the reaper leaves it alone).
+        self._sending_key: str | None = None
 
     # -- public API ---------------------------------------------------------------
 
@@ -190,22 +192,31 @@ class SmtpConnectionPool:
             raise ValueError("send() needs at least one recipient")
 
         with self._lock:
-            self._close_stale(account)
-            conn = self._connections.get(account.key)
-            if conn is not None:
-                result = self._transaction(conn, account, envelope_from, rcpts, data, True)
-                if result is not None:
-                    return result
-                # The server had closed the cached connection before we spoke (nothing
-                # of this message was sent): open a fresh one, once, and carry on.
+            self._sending_key = account.key
             try:
-                conn = self._open(account)
-            except _StepFailed as failed:
-                return SendResult((), {}, failed.reply, rcpts)
-            self._connections[account.key] = conn
-            result = self._transaction(conn, account, envelope_from, rcpts, data, False)
-            assert result is not None  # only a reused connection asks for a retry
-            return result
+                return self._send_locked(account, envelope_from, rcpts, data)
+            finally:
+                self._sending_key = None
+
+    def _send_locked(
+        self, account: SmtpAccount, envelope_from: str, rcpts: tuple[str, ...], data: bytes
+    ) -> SendResult:
+        self._close_stale(account)
+        conn = self._connections.get(account.key)
+        if conn is not None:
+            result = self._transaction(conn, account, envelope_from, rcpts, data, True)
+            if result is not None:
+                return result
+            # The server had closed the cached connection before we spoke (nothing
+            # of this message was sent): open a fresh one, once, and carry on.
+        try:
+            conn = self._open(account)
+        except _StepFailed as failed:
+            return SendResult((), {}, failed.reply, rcpts)
+        self._connections[account.key] = conn
+        result = self._transaction(conn, account, envelope_from, rcpts, data, False)
+        assert result is not None  # only a reused connection asks for a retry
+        return result
 
     def probe(self, account: SmtpAccount) -> Reply:
         """Check settings: connect, TLS, EHLO, AUTH if a username is set, QUIT; no mail.
@@ -237,19 +248,23 @@ class SmtpConnectionPool:
         Called by a timer so that an idle worker does not keep connections (and the
         account's connection slots) open on the server.
         """
-        if not self._lock.acquire(blocking=False):
-            return 0
+        locked = self._lock.acquire(blocking=False)
+        # While a send runs (it holds the lock for the whole conversation), the other
+        # accounts' idle connections are still closed: their slots expire on time, and an
+        # idle connection left open past its slot would break that account's cap.
+        busy = None if locked else self._sending_key
         try:
             now = self._clock()
             closed = 0
             for key, conn in list(self._connections.items()):
-                if now - conn.last_used >= self._idle_s:
-                    del self._connections[key]
+                idle = key != busy and now - conn.last_used >= self._idle_s
+                if idle and self._connections.pop(key, None) is conn:
                     _quit(conn.smtp, conn.timeout_s)
                     closed += 1
             return closed
         finally:
-            self._lock.release()
+            if locked:
+                self._lock.release()
 
     def has_connection(self, key: str) -> bool:
         """An open, reusable connection is cached for this account key."""
@@ -269,8 +284,8 @@ class SmtpConnectionPool:
                     key,
                     "outdated-settings" if outdated else "idle",
                 )
-                del self._connections[key]
-                _quit(conn.smtp, conn.timeout_s)
+                if self._connections.pop(key, None) is conn:  # the reaper may have closed it
+                    _quit(conn.smtp, conn.timeout_s)
 
     def _discard(self, conn: _Connection) -> None:
         """Drop a connection whose state is unknown: no QUIT, just close the socket."""

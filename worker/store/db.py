@@ -22,8 +22,9 @@ from worker.store.models import Base
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-#: Waits between tries of a transaction whose connection died (a database restart).
-RECONNECT_DELAYS_S = (0.2, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+#: Waits between tries of a transaction whose connection died (a database restart);
+#: the last one repeats until the caller's time is up.
+RECONNECT_DELAYS_S = (0.2, 0.5, 1.0, 2.0)
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
@@ -88,29 +89,33 @@ class Database:
         self,
         work: Callable[[Session], T],
         *,
-        delays_s: tuple[float, ...] = RECONNECT_DELAYS_S,
+        give_up_after_s: float = 30.0,
         sleep: Callable[[float], None] = time.sleep,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> T:
         """Run `work` in one transaction, again on a fresh connection if the database
-        went away (restart, failover) — about half a minute in all by default.
+        went away (restart, failover), for up to `give_up_after_s`.
 
         For writes whose loss would cost more than a retry: the record of an attempt
-        that already went out. `work` must be safe to run twice.
+        that already went out (callers pass the time left on their lease). `work` must be
+        safe to run twice.
         """
-        for delay in (*delays_s, None):
+        deadline = monotonic() + give_up_after_s
+        tries = 0
+        while True:
             try:
                 with self.session() as session:
                     return work(session)
             except (OperationalError, DBAPIError) as exc:
-                if delay is None or not (
-                    isinstance(exc, OperationalError) or exc.connection_invalidated
-                ):
+                retryable = isinstance(exc, OperationalError) or exc.connection_invalidated
+                delay = RECONNECT_DELAYS_S[min(tries, len(RECONNECT_DELAYS_S) - 1)]
+                if not retryable or monotonic() + delay > deadline:
                     raise
+                tries += 1
                 log.warning(
                     "database unavailable (%s); retrying in %.1fs", type(exc).__name__, delay
                 )
                 sleep(delay)
-        raise AssertionError("unreachable")
 
     def after_fork(self) -> None:
         """Drop the parent's pooled connections without closing them under the parent."""

@@ -136,6 +136,13 @@ class Claimed:
     created_at: datetime
     lease_until: datetime
 
+    def record_time_s(self, now: datetime) -> float:
+        """How long recording this attempt may keep retrying: until shortly before the
+        lease ends (after it, the sweeper may hand the message to another worker)."""
+        left = (self.lease_until - now).total_seconds()
+        # Keep a margin for the last try's own round trip: a tenth, at most 10 s.
+        return max(1.0, left - min(10.0, left / 10))
+
 
 @dataclass(frozen=True)
 class NotClaimed:
