@@ -7,7 +7,7 @@ from typing import Any
 
 from sqlalchemy.exc import OperationalError
 
-from config.celery import BACKUP_QUEUE, app
+from config.celery import BACKUP_QUEUE, RETRY_QUEUE, app
 from tasks.delivery import deliver_via_backup, wake
 from tasks.runtime import runtime
 
@@ -20,7 +20,7 @@ def sweep() -> dict[str, int]:
     rt = runtime()
     totals = {"woken": 0, "backup": 0, "failed": 0, "interrupted": 0}
     for batch in rt.sweeper().run():
-        totals["woken"] += wake(batch.wake)
+        totals["woken"] += wake(batch.wake) + wake(batch.wake_retry, queue=RETRY_QUEUE)
         for mid in batch.backup:
             deliver_via_backup.apply_async((mid,), queue=BACKUP_QUEUE)
         totals["backup"] += len(batch.backup)

@@ -22,14 +22,17 @@ from worker.store.models import Message as MessageRow
 
 @dataclass
 class SweepBatch:
-    wake: list[int] = field(default_factory=list)  #: SMTP attempts to wake now
+    wake: list[int] = field(default_factory=list)  #: never tried yet: wake on the send queue
+    #: Tried before (parked retries, freed leases): woken on the retry queue, so they
+    #: never hold up fresh mail.
+    wake_retry: list[int] = field(default_factory=list)
     backup: list[int] = field(default_factory=list)  #: past the deadline: backup's turn
     failed: list[int] = field(default_factory=list)  #: past the deadline, no backup
     interrupted: int = 0  #: leases that expired: the worker died mid-attempt
 
     @property
     def size(self) -> int:
-        return len(self.wake) + len(self.backup) + len(self.failed)
+        return len(self.wake) + len(self.wake_retry) + len(self.backup) + len(self.failed)
 
 
 def sweep_batch(
@@ -65,7 +68,7 @@ def sweep_batch(
         if now >= deadline:
             (batch.backup if backup_enabled else batch.failed).append(mid)
         else:
-            batch.wake.append(mid)
+            (batch.wake_retry if attempt_count else batch.wake).append(mid)
     touched = [r[0] for r in rows]
     session.execute(
         update(MessageRow)
