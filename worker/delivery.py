@@ -266,7 +266,7 @@ class DeliveryEngine:
         got: Claimed,
         account: Account,
         now: datetime,
-        incident_id: int | incident_store.Unknown | None = incident_store.UNKNOWN,
+        incident_id: int | None,
     ) -> Outcome | None:
         """May this message talk to the server now? If not, give the claim back."""
         if account.throttle_until is not None and account.throttle_until > now:
@@ -328,9 +328,9 @@ class DeliveryEngine:
         started: datetime,
         finished: datetime,
         smtp_key: str,
-        throttle_level: int | None = None,
+        throttle_level: int,
         *,
-        incident_seen: bool = True,
+        incident_seen: bool,
     ) -> Outcome:
         reply = decision.explanation.reply
         account_id = got.account_id
@@ -339,7 +339,7 @@ class DeliveryEngine:
 
         next_at = decision.next_attempt_at
         # Only a slow-down, or the end of one, needs the account row (throttle_level is
-        # what the claim read; None: unknown, load it).
+        # what the claim read).
         account: Account | None = None
         if decision.throttle or (decision.reached_server and throttle_level != 0):
             account = session.get(Account, account_id)

@@ -7,7 +7,6 @@ and closing are the moments people are told, once each.
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -33,14 +32,6 @@ def open_incident(session: Session, account_id: int) -> Incident | None:
     )
 
 
-class Unknown(enum.Enum):
-    UNKNOWN = "unknown"
-
-
-#: "Not read yet": `check_circuit` reads the open incident itself.
-UNKNOWN = Unknown.UNKNOWN
-
-
 def open_incident_id(account_id: Any) -> Any:
     """A scalar subquery: the account's open incident id, or NULL."""
     return (
@@ -58,19 +49,13 @@ def check_circuit(
     *,
     now: datetime,
     lease_s: float,
-    incident_id: int | Unknown | None = UNKNOWN,
+    incident_id: int | None,
 ) -> Circuit:
     """With no open incident, anyone may send; with one, only the probe may.
 
-    `incident_id`: the open incident as the caller already read it in this transaction
-    (saves a round trip); by default it is read here.
+    `incident_id`: the account's open incident as the caller read it in this transaction
+    (`open_incident_id`, in the same query as the account: one round trip less).
     """
-    if incident_id is UNKNOWN:
-        incident_id = session.scalar(
-            select(Incident.id).where(
-                Incident.account_id == account_id, Incident.closed_at.is_(None)
-            )
-        )
     if incident_id is None:
         return Circuit(allowed=True)
     took = session.execute(
