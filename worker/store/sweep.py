@@ -50,6 +50,7 @@ def sweep_batch(
             MessageRow.deadline,
             MessageRow.lease_until,
             MessageRow.attempt_count,
+            MessageRow.next_attempt_at,
         )
         .where(MessageRow.status == MessageStatus.PENDING.value, MessageRow.due_at <= now)
         .order_by(MessageRow.due_at)
@@ -59,7 +60,14 @@ def sweep_batch(
     batch = SweepBatch()
     if not rows:
         return batch
-    for mid, deadline, lease_until, attempt_count in rows:
+    # How long until the sweeper looks again, per row: the grace, doubled for as long as
+    # the message has already been waiting. A backlog that is merely slow to drain is
+    # then re-woken a few times (logarithmically), not once per grace period.
+    regrace: dict[float, list[int]] = {}
+    for mid, deadline, lease_until, attempt_count, next_attempt_at in rows:
+        regrace.setdefault(
+            next_look_s((now - next_attempt_at).total_seconds(), wake_grace_s), []
+        ).append(mid)
         if lease_until is not None and lease_until < now and attempt_count > 0:
             _record_interrupted(
                 session, mid, attempt_count, lease_until - timedelta(seconds=lease_s), now
@@ -69,18 +77,18 @@ def sweep_batch(
             (batch.backup if backup_enabled else batch.failed).append(mid)
         else:
             (batch.wake_retry if attempt_count else batch.wake).append(mid)
-    touched = [r[0] for r in rows]
-    session.execute(
-        update(MessageRow)
-        .where(MessageRow.id.in_(touched), MessageRow.status == MessageStatus.PENDING.value)
-        .values(
-            due_at=now + timedelta(seconds=wake_grace_s),
-            lease_until=None,
-            lease_token=None,
-            updated_at=now,
+    for wait_s, touched in regrace.items():
+        session.execute(
+            update(MessageRow)
+            .where(MessageRow.id.in_(touched), MessageRow.status == MessageStatus.PENDING.value)
+            .values(
+                due_at=now + timedelta(seconds=wait_s),
+                lease_until=None,
+                lease_token=None,
+                updated_at=now,
+            )
+            .execution_options(synchronize_session=False)
         )
-        .execution_options(synchronize_session=False)
-    )
     if batch.failed:
         session.execute(
             update(MessageRow)
@@ -96,6 +104,14 @@ def sweep_batch(
             .execution_options(synchronize_session=False)
         )
     return batch
+
+
+def next_look_s(waiting_s: float, grace_s: float) -> float:
+    """The grace period, doubled until it covers how long the message has waited."""
+    wait = grace_s
+    while wait < waiting_s:
+        wait *= 2
+    return wait
 
 
 def _record_interrupted(
