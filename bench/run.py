@@ -32,6 +32,8 @@ from typing import Any
 import redis
 from sqlalchemy import text
 
+from tests.support.services import wait_until
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "bench" / "results"
 LOG_DIR = RESULTS_DIR / "logs"
@@ -133,19 +135,6 @@ def tree_rss_mb(pid: int) -> dict[str, Any]:
         "main_mb": round(main / 1024, 1),
         "children_mb": [round(c / 1024, 1) for c in children],
     }
-
-
-def wait_for(
-    condition: Callable[[], Any], *, timeout: float, interval: float = 0.1, what: str
-) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 # -- the SMTP sink -----------------------------------------------------------------------
@@ -301,7 +290,7 @@ class Bench:
                 return self.redis.llen(queue) < backlog
             return self.brpop_clients() > 0
 
-        wait_for(started, timeout=60, interval=0.005, what="the worker to start consuming")
+        wait_until(started, timeout=60, interval=0.005, message="the worker to start consuming")
         return time.time()
 
     def wait_sent(self, total: int, *, since_id: int = 0, timeout: float) -> None:
@@ -317,7 +306,7 @@ class Bench:
             )
 
         try:
-            wait_for(done, timeout=timeout, interval=0.1, what=f"{total} messages to be sent")
+            wait_until(done, timeout=timeout, interval=0.1, message=f"{total} messages to be sent")
         except TimeoutError:
             counts = self.status_counts()
             raise TimeoutError(f"not all messages sent within {timeout:.0f}s: {counts}") from None
@@ -450,11 +439,11 @@ class Bench:
         try:
             started = self.wait_consuming(proc, SEND_QUEUE, n)
             finished = float(
-                wait_for(
+                wait_until(
                     lambda: self.redis.get(noop_app.FINISHED_KEY),
                     timeout=max(120, n / 50),
                     interval=0.05,
-                    what="the no-op tasks",
+                    message="the no-op tasks",
                 )
             )
         finally:
@@ -591,10 +580,10 @@ class Bench:
         publish_s = time.perf_counter() - t0
         proc = self.start_worker("outbox-worker-intake", queues=INTAKE_QUEUE)
         started = self.wait_consuming(proc, INTAKE_QUEUE, n)
-        wait_for(
+        wait_until(
             lambda: self.scalar("SELECT count(*) FROM messages") >= n,
             timeout=max(180, n / 20),
-            what=f"{n} messages stored",
+            message=f"{n} messages stored",
         )
         stored = self.epoch("SELECT max(created_at) FROM messages")
         elapsed = stored - started
@@ -694,11 +683,11 @@ class Bench:
         limit = self.celery_conf()["worker_eta_task_limit"] or len(ids)
         expect = min(limit, len(ids))
         with contextlib.suppress(TimeoutError):
-            wait_for(
+            wait_until(
                 lambda: self.redis.hlen("unacked") >= expect,
                 timeout=60,
                 interval=0.2,
-                what="the worker to take its ETA tasks",
+                message="the worker to take its ETA tasks",
             )
         time.sleep(3.0)
         countdowns = self.memory_snapshot()

@@ -3,28 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.support.outbox import make_account, wait_for_status
-from tests.support.services import REPO
+from tests.support.outbox import cli, make_account, wait_for_status
 
 pytestmark = pytest.mark.integration
-
-
-def cli(env, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker.cli", *args],
-        cwd=REPO,
-        env={**os.environ, **env.values},
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def test_account_set_changes_only_what_is_given_and_never_shows_the_password(env, db):

@@ -7,20 +7,20 @@ compressed through settings (sub-second backoff), never by sleeping.
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import json
 
 import pytest
 from sqlalchemy import select
 
 from tests.support.outbox import (
     attempts,
+    cli,
     make_account,
     message,
     update_account,
     wait_for_status,
 )
-from tests.support.services import REPO, wait_until
+from tests.support.services import wait_until
 from tests.support.smtpd import ScriptedSMTPServer
 from tests.support.webhook import WebhookReceiver
 from worker.store.models import Account, Incident
@@ -81,14 +81,7 @@ def test_unknown_user_fails_after_one_attempt_and_is_explained(
     assert row.last_verdict == "recipient" and row.sent_via is None
     assert plain_smtp_server.messages == []
 
-    shown = subprocess.run(
-        [sys.executable, "-m", "worker.cli", "show", str(accepted.id)],
-        cwd=REPO,
-        env={**__import__("os").environ, **fast.values},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    shown = cli(fast, "show", str(accepted.id))
     assert "why failed" in shown.stdout and "mailbox" in shown.stdout.lower()
 
 
@@ -168,15 +161,7 @@ def test_wrong_password_gives_one_notice_and_fixing_it_sends_everything_at_once(
             incident = session.scalar(select(Incident).where(Incident.closed_at.is_(None)))
             assert incident is not None and incident.notified_at is not None
 
-        fixed = subprocess.run(
-            [sys.executable, "-m", "worker.cli", "account", "set", "acme", "--password-stdin"],
-            input="s3cret\n",
-            cwd=REPO,
-            env={**__import__("os").environ, **fast.values},
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        fixed = cli(fast, "account", "set", "acme", "--password-stdin", stdin="s3cret\n")
         assert fixed.returncode == 0, fixed.stderr
         for mid in ids:
             wait_for_status(db, mid, "sent", timeout=15)
@@ -256,21 +241,11 @@ def test_account_test_command_explains_a_bad_password(env, db, box, smtp_server,
         tls_mode="starttls",
         ca_pem=test_ca.ca_pem,
     )
-    run = lambda: subprocess.run(  # noqa: E731
-        [sys.executable, "-m", "worker.cli", "account", "test", "acme", "--json"],
-        cwd=REPO,
-        env={**__import__("os").environ, **env.values},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    import json
-
-    bad = run()
+    bad = cli(env, "account", "test", "acme", "--json")
     assert bad.returncode == 1
     result = json.loads(bad.stdout)
     assert (result["code"], result["verdict"], result["stage"]) == (535, "account", "auth")
     update_account(db, box, "acme", password="s3cret")
-    good = run()
+    good = cli(env, "account", "test", "acme", "--json")
     assert good.returncode == 0 and json.loads(good.stdout)["ok"] is True
     assert smtp_server.messages == []

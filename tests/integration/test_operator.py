@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from datetime import timedelta
 
 import pytest
@@ -14,29 +11,17 @@ from sqlalchemy import select, update
 
 from tests.support.outbox import (
     attempts,
+    cli,
     count_messages,
     make_account,
     message,
     wait_for_attempts,
     wait_for_status,
 )
-from tests.support.services import REPO
 from worker.clock import utcnow
 from worker.store.models import Message
 
 pytestmark = pytest.mark.integration
-
-
-def cli(env, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker.cli", *args],
-        cwd=REPO,
-        env={**os.environ, **env.values},
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def test_cancel_during_a_scheduled_retry_is_never_delivered(

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from typing import Any
 
 from sqlalchemy import func, select
 
-from tests.support.services import wait_until
+from tests.support.services import REPO, wait_until
 from worker.clock import utcnow
 from worker.crypto import SecretBox
 from worker.store.accounts import AccountChanges, save_account
@@ -89,4 +92,17 @@ def wait_for_attempts(db: Database, message_id: int, n: int, *, timeout: float =
         lambda: len(attempts(db, message_id)) >= n,
         timeout=timeout,
         message=f"{n} attempts of message {message_id}",
+    )
+
+
+def cli(env: Any, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """`outbox ARGS...` as a real process, with the test's environment (`Env`)."""
+    return subprocess.run(
+        [sys.executable, "-m", "worker.cli", *args],
+        cwd=REPO,
+        env={**os.environ, **env.values},
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
