@@ -32,23 +32,13 @@ from cryptography.fernet import Fernet
 from sqlalchemy import select
 
 from tests.support.cli_runs import outbox_cli, outbox_cli_many
-from tests.support.outbox import make_account, message, wait_for_status
+from tests.support.outbox import COMPRESSED, make_account, message, wait_for_status
 from tests.support.provider_stub import ProviderStub
 from tests.support.services import wait_until
 from worker.crypto import SecretBox
 from worker.store.models import Account
 
 pytestmark = pytest.mark.integration
-
-COMPRESSED = {
-    "OUTBOX_RETRY_WINDOW": "4",
-    "OUTBOX_RETRY_BASE": "0.2",
-    "OUTBOX_RETRY_MAX": "0.5",
-    "OUTBOX_SWEEP_INTERVAL": "1",
-    "OUTBOX_WAKE_GRACE": "1",
-    "OUTBOX_SMTP_TIMEOUT": "1",
-    "OUTBOX_LEASE": "6",
-}
 
 
 def canary(kind: str) -> str:

@@ -14,6 +14,7 @@ import pytest
 from celery import Celery
 
 from tests.support.outbox import (
+    COMPRESSED,
     attempts,
     make_account,
     message,
@@ -27,16 +28,6 @@ from worker.clock import utcnow
 from worker.store.sweep import sweep_batch
 
 pytestmark = pytest.mark.integration
-
-COMPRESSED = {
-    "OUTBOX_RETRY_WINDOW": "4",
-    "OUTBOX_RETRY_BASE": "0.2",
-    "OUTBOX_RETRY_MAX": "0.5",
-    "OUTBOX_SWEEP_INTERVAL": "1",
-    "OUTBOX_WAKE_GRACE": "1",
-    "OUTBOX_SMTP_TIMEOUT": "1",
-    "OUTBOX_LEASE": "6",
-}
 
 
 def closed_port() -> int:
