@@ -21,7 +21,7 @@ from worker.intake import Limits
 from worker.notify import Notifier
 from worker.operator import Operator
 from worker.smtp import SmtpConnectionPool
-from worker.store.db import Database
+from worker.store.db import WORKER_PING_WHEN_IDLE_S, Database
 from worker.sweeper import SweepConfig, Sweeper
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,9 @@ _runtime: Runtime | None = None
 class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.db = Database(settings.database_url)
+        # Every database call of a task is retried (autoretry, Database.run): ping only
+        # connections that sat idle, not before each of a delivery's two statements.
+        self.db = Database(settings.database_url, ping_when_idle_s=WORKER_PING_WHEN_IDLE_S)
         self.box = SecretBox(settings.secret_keys)
         self.pool = SmtpConnectionPool(
             idle_s=settings.smtp_idle_s, max_per_connection=settings.smtp_max_per_connection

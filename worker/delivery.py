@@ -19,7 +19,7 @@ from email.utils import parseaddr
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from worker.clock import Clock, utcnow
@@ -38,12 +38,17 @@ from worker.store.messages import (
     Claimed,
     MessageUpdate,
     NotClaimed,
-    claim,
-    record,
     release,
 )
 from worker.store.models import Account, AttemptOutcome, Channel, MessageStatus
 from worker.store.models import Message as MessageRow
+from worker.store.sending import (
+    SendClaim,
+    SendingAccount,
+    claim_for_send,
+    record_send,
+    record_with_slot,
+)
 
 log = logging.getLogger("outbox.delivery")
 
@@ -104,6 +109,14 @@ class EngineConfig:
         )
 
 
+def _unless_lease_lost(outcome: Outcome, owned: bool) -> Outcome:
+    """A stale holder (the send outlived its lease) schedules nothing: whoever holds the
+    message now decides its next step."""
+    if not owned and outcome.action in (Action.RETRY, Action.BACKUP, Action.PARKED):
+        return Outcome(outcome.message_id, Action.SKIPPED, detail="lease lost during the attempt")
+    return outcome
+
+
 def default_holder() -> str:
     """Who holds a connection slot: this host and process."""
     return f"{socket.gethostname()}:{os.getpid()}"
@@ -140,86 +153,151 @@ class DeliveryEngine:
     def deliver(self, message_id: int) -> Outcome:
         now = self.clock()
         token = uuid.uuid4().hex
-        with self.db.session() as session:
-            got = claim(session, message_id, now=now, lease_s=self.config.lease_s, token=token)
-            if isinstance(got, NotClaimed):
-                return Outcome(message_id, Action.SKIPPED, detail=got.reason)
-            # The account and its open incident (if any) in one round trip.
-            account, incident_id = session.execute(
-                select(Account, incident_store.open_incident_id(Account.id)).where(
-                    Account.id == got.account_id
-                )
-            ).one()
-            if now >= got.deadline:
-                release(
-                    session,
-                    got,
-                    now=now,
-                    next_attempt_at=got.deadline,
-                    due_at=now + timedelta(seconds=self.config.wake_grace_s),
-                )
-                return Outcome(
-                    message_id, Action.BACKUP, countdown_s=0.0, detail="the retry window is over"
-                )
-            if not got.recipients:
-                # Every recipient was settled by earlier attempts; only the status lagged.
-                return self._settle_without_sending(session, got, now)
-            try:
-                smtp_account = self.smtp_account(account)
-            except SecretKeyError as exc:
-                log.error(
-                    "OPERATOR ACTION NEEDED: message %s of account %s: %s",
-                    got.id,
-                    account.name,
-                    exc,
-                )
-                return self._hold_back(
-                    session, got, now, self.config.policy.max_s, str(exc), park=True
-                )
-            gated = self._gate(session, got, account, now, incident_id)
-            if gated is not None:
-                return gated
-            account_name = account.name
-            throttle_level = account.throttle_level
+        with self.db.session(single_statement=True) as session:
+            got = claim_for_send(
+                session,
+                message_id,
+                now=now,
+                lease_s=self.config.lease_s,
+                token=token,
+                holder=self.holder,
+            )
+        if isinstance(got, NotClaimed):
+            return Outcome(message_id, Action.SKIPPED, detail=got.reason)
+        claimed, account = got.message, got.account
+        try:
+            smtp_account: SmtpAccount | SecretKeyError = self.smtp_account(account)
+        except SecretKeyError as exc:
+            smtp_account = exc
+        if got.slot is None or not claimed.recipients or isinstance(smtp_account, SecretKeyError):
+            # The uncommon cases: each decides in a transaction of its own.
+            with self.db.session() as session:
+                held_back = self._before_send(session, got, now, smtp_account)
+            if held_back is not None:
+                return held_back
+            assert not isinstance(smtp_account, SecretKeyError)
 
-        email = got.email
+        email = claimed.email
         data = compose(email).as_bytes()
         result = self.pool.send(
-            smtp_account, envelope_address(email.from_addr), got.recipients, data
+            smtp_account, envelope_address(email.from_addr), claimed.recipients, data
         )
         finished = self.clock()
         decision = decide_after_smtp(
             SmtpAttempt(
-                recipients=got.recipients,
+                recipients=claimed.recipients,
                 reply=result.reply,
                 accepted=result.accepted,
                 refused=result.refused,
             ),
-            settled_before=got.delivered_to,
-            attempt_number=got.attempt_number,
+            settled_before=claimed.delivered_to,
+            attempt_number=claimed.attempt_number,
             now=finished,
-            deadline=got.deadline,
+            deadline=claimed.deadline,
             policy=self.config.policy,
             rng=self.rng,
         )
+        keep_slot_s = self._keep_slot_s(smtp_account.key)
         # The mail may have gone out: losing this record would send it again, so a
         # database restart here is waited out rather than given up on.
-        outcome = self.db.run(
-            give_up_after_s=got.record_time_s(self.clock()),
-            work=lambda session: self._record_smtp(
-                session,
-                got,
-                result,
-                decision,
-                now,
-                finished,
-                smtp_account.key,
-                throttle_level,
-                incident_seen=incident_id is not None,
-            ),
-        )
-        self._log_attempt(got, account_name, result.reply, decision, outcome)
+        give_up_after_s = claimed.record_time_s(self.clock())
+        if self._touches_account(decision, account):
+            outcome = self.db.run(
+                lambda session: self._record_with_account(
+                    session, got, result, decision, now, finished, keep_slot_s
+                ),
+                give_up_after_s=give_up_after_s,
+            )
+        else:
+            attempt, update_, planned = self._attempt_and_update(
+                claimed, result, decision, now, finished, decision.next_attempt_at
+            )
+            owned = self.db.run(
+                lambda session: record_send(
+                    session,
+                    claimed,
+                    attempt,
+                    update_,
+                    now=finished,
+                    holder=self.holder,
+                    keep_slot_s=keep_slot_s,
+                ),
+                give_up_after_s=give_up_after_s,
+                single_statement=True,
+            )
+            outcome = _unless_lease_lost(planned, owned)
+        self._log_attempt(claimed, account.name, result.reply, decision, outcome)
         return outcome
+
+    def _before_send(
+        self,
+        session: Session,
+        got: SendClaim,
+        now: datetime,
+        smtp_account: SmtpAccount | SecretKeyError,
+    ) -> Outcome | None:
+        """The claim took no connection slot, or there is nothing to send, or the password
+        cannot be read: decide here (None: go ahead and send)."""
+        claimed, account = got.message, got.account
+        if now >= claimed.deadline:
+            release(
+                session,
+                claimed,
+                now=now,
+                next_attempt_at=claimed.deadline,
+                due_at=now + timedelta(seconds=self.config.wake_grace_s),
+            )
+            return Outcome(
+                claimed.id, Action.BACKUP, countdown_s=0.0, detail="the retry window is over"
+            )
+        if not claimed.recipients:
+            # Every recipient was settled by earlier attempts; only the status lagged.
+            self._give_back_slot(session, got)
+            return self._settle_without_sending(session, claimed, now)
+        if isinstance(smtp_account, SecretKeyError):
+            log.error(
+                "OPERATOR ACTION NEEDED: message %s of account %s: %s",
+                claimed.id,
+                account.name,
+                smtp_account,
+            )
+            self._give_back_slot(session, got)
+            return self._hold_back(
+                session, claimed, now, self.config.policy.max_s, str(smtp_account), park=True
+            )
+        if got.slot is None:
+            return self._gate(session, claimed, account, now)
+        return None
+
+    def _keep_slot_s(self, smtp_key: str) -> float | None:
+        """How long to keep the connection slot after an attempt: while the connection
+        stays open for reuse (until it would be closed as idle, plus the reaper's tick),
+        since an idle connection still counts against the account's cap; None: give the
+        slot back."""
+        return self.config.smtp_idle_s + 2.0 if self.pool.has_connection(smtp_key) else None
+
+    def _give_back_slot(self, session: Session, got: SendClaim) -> None:
+        if got.slot is None:
+            return
+        account = got.account
+        keep = self._keep_slot_s(f"{account.id}:{account.settings_version}")
+        if keep is not None:
+            slots.hold_slot(session, account.id, holder=self.holder, now=self.clock(), hold_s=keep)
+        else:
+            slots.release_slot(session, account.id, holder=self.holder)
+
+    @staticmethod
+    def _touches_account(decision: Decision, account: SendingAccount) -> bool:
+        """Does this attempt change the account's state (slow-down, incident)?"""
+        return bool(
+            decision.throttle
+            or (decision.reached_server and account.throttle_level)
+            or decision.account_problem
+            or (
+                account.open_incident_id is not None
+                and (decision.reached_server or decision.status == MessageStatus.SENT.value)
+            )
+        )
 
     def _settle_without_sending(self, session: Session, got: Claimed, now: datetime) -> Outcome:
         any_sent = any(v.get("outcome") == "sent" for v in got.delivered_to.values())
@@ -243,7 +321,8 @@ class DeliveryEngine:
             detail="every recipient was already settled",
         )
 
-    def smtp_account(self, account: Account) -> SmtpAccount:
+    def smtp_account(self, account: Account | SendingAccount) -> SmtpAccount:
+        """How to reach the account's server."""
         password = (
             self.box.decrypt(account.smtp_password_encrypted)
             if account.smtp_password_encrypted
@@ -261,15 +340,11 @@ class DeliveryEngine:
         )
 
     def _gate(
-        self,
-        session: Session,
-        got: Claimed,
-        account: Account,
-        now: datetime,
-        incident_id: int | None,
+        self, session: Session, got: Claimed, account: SendingAccount, now: datetime
     ) -> Outcome | None:
         """May this message talk to the server now? If not, give the claim back."""
-        if account.throttle_until is not None and account.throttle_until > now:
+        if account.throttled(now):
+            assert account.throttle_until is not None
             wait = (account.throttle_until - now).total_seconds() * (1 + 0.2 * self.rng())
             return self._hold_back(session, got, now, wait, "the server asked us to slow down")
         circuit = incident_store.check_circuit(
@@ -278,7 +353,7 @@ class DeliveryEngine:
             got.id,
             now=now,
             lease_s=self.config.lease_s,
-            incident_id=incident_id,
+            incident_id=account.open_incident_id,
         )
         if not circuit.allowed:
             # Wait for the incident to close (which wakes everyone), or at the latest
@@ -319,29 +394,26 @@ class DeliveryEngine:
             return Outcome(got.id, Action.RETRY, countdown_s=countdown, detail=why)
         return Outcome(got.id, Action.PARKED, detail=why)
 
-    def _record_smtp(
+    def _record_with_account(
         self,
         session: Session,
-        got: Claimed,
+        got: SendClaim,
         result: SendResult,
         decision: Decision,
         started: datetime,
         finished: datetime,
-        smtp_key: str,
-        throttle_level: int,
-        *,
-        incident_seen: bool,
+        keep_slot_s: float | None,
     ) -> Outcome:
-        reply = decision.explanation.reply
-        account_id = got.account_id
+        """Record an attempt that also changes the account: a slow-down begins or ends,
+        an incident opens or closes. One transaction for all of it."""
+        claimed, seen = got.message, got.account
+        account_id = claimed.account_id
         notices: list[Notice] = []
         wake_account_id: int | None = None
 
         next_at = decision.next_attempt_at
-        # Only a slow-down, or the end of one, needs the account row (throttle_level is
-        # what the claim read).
         account: Account | None = None
-        if decision.throttle or (decision.reached_server and throttle_level != 0):
+        if decision.throttle or (decision.reached_server and seen.throttle_level != 0):
             account = session.get(Account, account_id)
             assert account is not None
         if decision.throttle:
@@ -354,7 +426,7 @@ class DeliveryEngine:
             pause *= 0.5 + 0.5 * self.rng()
             account.throttle_until = finished + timedelta(seconds=pause)
             if next_at is not None and next_at < account.throttle_until:
-                next_at = min(account.throttle_until, got.deadline)
+                next_at = min(account.throttle_until, claimed.deadline)
         elif account is not None and decision.reached_server and account.throttle_level:
             account.throttle_level = 0
             account.throttle_until = None
@@ -367,12 +439,12 @@ class DeliveryEngine:
                 if decision.explanation.verdict is Verdict.ACCOUNT
                 else classify(result.reply),
                 now=finished,
-                message_id=got.id,
-                next_probe_at=next_at or got.deadline,
+                message_id=claimed.id,
+                next_probe_at=next_at or claimed.deadline,
             )
             if opened:
                 notices.append(Notice(incident_id, "opened"))
-        elif incident_seen and (
+        elif seen.open_incident_id is not None and (
             decision.reached_server or decision.status == MessageStatus.SENT.value
         ):
             # Only when the claim saw an open incident: no UPDATE per message otherwise.
@@ -382,19 +454,39 @@ class DeliveryEngine:
                 wake_account(session, account_id, now=finished)
                 wake_account_id = account_id
 
-        if self.pool.has_connection(smtp_key):
-            # The connection stays open for reuse: keep its slot until it would be closed
-            # as idle (plus the reaper's tick), so the cap counts idle connections too.
-            slots.hold_slot(
-                session,
-                account_id,
-                holder=self.holder,
-                now=finished,
-                hold_s=self.config.smtp_idle_s + 2.0,
-            )
-        else:
-            slots.release_slot(session, account_id, holder=self.holder)
+        attempt, update_, planned = self._attempt_and_update(
+            claimed, result, decision, started, finished, next_at
+        )
+        owned = record_with_slot(
+            session,
+            claimed,
+            attempt,
+            update_,
+            now=finished,
+            holder=self.holder,
+            keep_slot_s=keep_slot_s,
+        )
+        outcome = _unless_lease_lost(planned, owned)
+        return Outcome(
+            outcome.message_id,
+            outcome.action,
+            countdown_s=outcome.countdown_s,
+            detail=outcome.detail,
+            notices=tuple(notices),
+            wake_account_id=wake_account_id,
+        )
 
+    def _attempt_and_update(
+        self,
+        got: Claimed,
+        result: SendResult,
+        decision: Decision,
+        started: datetime,
+        finished: datetime,
+        next_at: datetime | None,
+    ) -> tuple[AttemptRecord, MessageUpdate, Outcome]:
+        """The attempt's row, the message's new state and what comes next (no I/O)."""
+        reply = decision.explanation.reply
         per_recipient = {}
         for rcpt in got.recipients:
             r = result.refused.get(rcpt) or result.reply
@@ -464,18 +556,7 @@ class DeliveryEngine:
             outcome = Outcome(
                 got.id, action, countdown_s=countdown if on_broker else None, detail=str(reply)
             )
-        owned = record(session, got, attempt, update_, now=finished)
-        if not owned and outcome.action in (Action.RETRY, Action.BACKUP, Action.PARKED):
-            # Someone else holds the message now; they decide its next step.
-            outcome = Outcome(got.id, Action.SKIPPED, detail="lease lost during the attempt")
-        return Outcome(
-            outcome.message_id,
-            outcome.action,
-            countdown_s=outcome.countdown_s,
-            detail=outcome.detail,
-            notices=tuple(notices),
-            wake_account_id=wake_account_id,
-        )
+        return attempt, update_, outcome
 
     def _log_attempt(
         self, got: Claimed, account: str, reply: Reply, decision: Decision, outcome: Outcome

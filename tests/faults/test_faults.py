@@ -191,18 +191,31 @@ def test_kill9_of_the_whole_worker_mid_load_then_restart(fenv, db, box, start_wo
 def test_kill9_inside_the_duplicate_window_costs_exactly_one_copy(
     fenv, db, box, start_worker, reliability
 ):
-    """The documented window, hit on purpose: the 250 arrived, the record cannot commit."""
+    """The documented window, hit on purpose: the 250 arrived, the record cannot be
+    written (the database is away and the worker is retrying it), and the worker dies.
+
+    A row lock no longer parks a worker there: the record is one statement, and once it
+    has reached PostgreSQL it commits even if the worker dies waiting for the lock.
+    """
     started = time.monotonic()
+    dbname = database_name(fenv.values["OUTBOX_DATABASE_URL"])
     with ScriptedSMTPServer(tls="none") as server:
         server.script.hang_after_data_s = 0.5
         server.script.hang_after_data = 1
         make_account(db, box, "acme", port=server.port, tls_mode="none")
         worker = start_worker(concurrency=2, beat=True)
         [mid] = enqueue_many(fenv.client(db), "acme", 1)
-        with _hold_the_record(fenv, server, mid):
-            [victim] = pids_connected_to(server.port, worker.children())
+        wait_until(lambda: _data_started(server), timeout=15, message="DATA")
+        [victim] = pids_connected_to(server.port, worker.children())
+        with database_outage(dbname):
+            wait_until(lambda: len(server.messages) == 1, timeout=5, message="the 250")
+            wait_until(
+                lambda: "database unavailable" in worker.log(),
+                timeout=10,
+                message="the worker retrying its record",
+            )
             kill9(victim)
-        wait_for_status(db, mid, "sent", timeout=30)
+        wait_for_status(db, mid, "sent", timeout=60)
         verdict = judge(db, servers=[server], ids=[mid])
         history = [a.outcome for a in attempts(db, mid)]
     print(f"\nkill -9 inside the window: {verdict.summary()} history={history}")
@@ -210,7 +223,7 @@ def test_kill9_inside_the_duplicate_window_costs_exactly_one_copy(
         reliability,
         "kill -9 between the server's 250 and the record (forced)",
         verdict,
-        faults="row lock holds the record; SIGKILL to the sending child",
+        faults="database outage holds the record; SIGKILL to the sending child",
         started=started,
         note=WINDOW_NOTE,
     )

@@ -5,14 +5,15 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import Row, Table, bindparam, delete, func, select
 from sqlalchemy.orm import Session
 
 from worker.crypto import SecretBox
 from worker.intake import FieldError, InvalidRequest, _Collector, normalize_address
 from worker.store.db import changed_rows
+from worker.store.incidents import open_incident_id
 from worker.store.models import Account, Incident, MessageStatus, SmtpSlot, TlsMode
 from worker.store.models import Message as MessageRow
 
@@ -27,6 +28,18 @@ SMTP_FIELDS = (
     "allow_plaintext",
 )
 MAX_CONNECTIONS_LIMIT = 50
+
+_ACCOUNTS = cast(Table, Account.__table__)
+#: What a send needs of its account, with the open incident's id (or NULL), built once:
+#: it runs for every message.
+_FOR_SENDING = select(
+    *_ACCOUNTS.c, open_incident_id(_ACCOUNTS.c.id).label("open_incident_id")
+).where(_ACCOUNTS.c.id == bindparam("p_id"))
+
+
+def for_sending(session: Session, account_id: int) -> Row[Any]:
+    """The account's columns (same names as `Account`) plus `open_incident_id`."""
+    return session.connection().execute(_FOR_SENDING, {"p_id": account_id}).one()
 
 
 @dataclass(frozen=True)

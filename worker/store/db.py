@@ -1,8 +1,8 @@
 """Engines and sessions: one engine per process, safe across Celery's fork.
 
 SQLite (the embedded default) runs in WAL mode with a busy timeout so the worker's
-processes and the CLI can write side by side; PostgreSQL gets pre-ping so a restarted
-server costs one reconnect, not a failed task.
+processes and the CLI can write side by side; PostgreSQL connections are pinged before
+use (in the worker: when they sat idle), so a restarted server costs one reconnect.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import CursorResult, Engine, Result, create_engine, event
+from sqlalchemy import CursorResult, Engine, Result, create_engine, event, exc
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -25,9 +25,14 @@ T = TypeVar("T")
 #: Waits between tries of a transaction whose connection died (a database restart);
 #: the last one repeats until the caller's time is up.
 RECONNECT_DELAYS_S = (0.2, 0.5, 1.0, 2.0)
+#: In the worker, a pooled PostgreSQL connection idle longer than this is pinged before use.
+WORKER_PING_WHEN_IDLE_S = 1.0
 
 
-def make_engine(url: str, **kwargs: Any) -> Engine:
+def make_engine(url: str, *, ping_when_idle_s: float | None = None, **kwargs: Any) -> Engine:
+    """An engine for `url`. PostgreSQL connections are pinged before every use, or, with
+    `ping_when_idle_s`, only after sitting idle that long (the worker's choice: see
+    `_ping_when_idle`)."""
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
@@ -56,10 +61,41 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
 
         return engine
     kwargs.setdefault("hide_parameters", True)
-    kwargs.setdefault("pool_pre_ping", True)
     kwargs.setdefault("pool_size", 5)
     kwargs.setdefault("max_overflow", 5)
-    return create_engine(url, **kwargs)
+    if ping_when_idle_s is None:
+        kwargs.setdefault("pool_pre_ping", True)
+    engine = create_engine(url, **kwargs)
+    if ping_when_idle_s is not None:
+        _ping_when_idle(engine, ping_when_idle_s)
+    return engine
+
+
+def _ping_when_idle(engine: Engine, idle_s: float) -> None:
+    """Ping a pooled connection before use only if it sat idle for `idle_s`.
+
+    `pool_pre_ping` pings on every checkout: two of a delivery's round trips. A connection
+    used a moment ago is almost always alive; if the server restarted meanwhile, the first
+    statement fails, SQLAlchemy invalidates the pool, and the caller's retry (the task's
+    autoretry, `Database.run`) gets a fresh connection. Only the worker, whose every
+    database call is retried, makes this trade; the CLI and clients keep pre-ping.
+    """
+
+    @event.listens_for(engine, "checkin")
+    def _note_checkin(_dbapi_conn: Any, record: Any) -> None:
+        record.info["checked_in_at"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _ping_if_idle(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        last = record.info.get("checked_in_at")
+        if last is None or time.monotonic() - last < idle_s:
+            return
+        try:
+            if not engine.dialect.do_ping(dbapi_conn):
+                raise exc.DisconnectionError("ping failed")
+        except engine.dialect.loaded_dbapi.Error as err:
+            # The pool discards this connection and checks out (or opens) another.
+            raise exc.DisconnectionError(str(err)) from err
 
 
 def changed_rows(result: Result[Any]) -> int:
@@ -80,8 +116,20 @@ class Database:
         return self.engine.dialect.name
 
     @contextmanager
-    def session(self) -> Iterator[Session]:
-        """A session in one transaction: committed on success, rolled back on error."""
+    def session(self, *, single_statement: bool = False) -> Iterator[Session]:
+        """A session in one transaction: committed on success, rolled back on error.
+
+        `single_statement`: the caller's writes are one statement each, atomic by
+        themselves. On PostgreSQL they then run without BEGIN and COMMIT (two round trips
+        fewer); on SQLite, which needs the transaction for its multi-statement paths,
+        nothing changes.
+        """
+        if single_statement and self.dialect == "postgresql":
+            with self.engine.connect() as conn:
+                conn.execution_options(isolation_level="AUTOCOMMIT")
+                with Session(bind=conn) as session, session.begin():
+                    yield session
+            return
         with self._sessions() as session, session.begin():
             yield session
 
@@ -90,6 +138,7 @@ class Database:
         work: Callable[[Session], T],
         *,
         give_up_after_s: float = 30.0,
+        single_statement: bool = False,
         sleep: Callable[[float], None] = time.sleep,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> T:
@@ -104,7 +153,7 @@ class Database:
         tries = 0
         while True:
             try:
-                with self.session() as session:
+                with self.session(single_statement=single_statement) as session:
                     return work(session)
             except (OperationalError, DBAPIError) as exc:
                 retryable = isinstance(exc, OperationalError) or exc.connection_invalidated

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, or_, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy import Table, and_, bindparam, func, insert, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -35,6 +33,55 @@ class Accepted:
     created: bool  #: False when the idempotency key matched an earlier request
 
 
+_ACCOUNTS = cast(Table, Account.__table__)
+_MESSAGES = cast(Table, MessageRow.__table__)
+_ATTEMPTS = cast(Table, Attempt.__table__)
+_ATTACHMENTS = cast(Table, AttachmentRow.__table__)
+
+# The statements of intake, claim and record are built once, on the Core tables, with
+# named parameters: building one per call, or letting the ORM plan a flush, cost more CPU
+# than the round trip itself (bench/profile_deliver.py); and a value written into a
+# statement (a dict for a JSON column) even defeats SQLAlchemy's compiled-statement cache.
+
+_ACCOUNT_BY_NAME = select(_ACCOUNTS.c.id, _ACCOUNTS.c.name, _ACCOUNTS.c.from_addr).where(
+    _ACCOUNTS.c.name == bindparam("p_name")
+)
+_MESSAGE_BY_KEY = select(_MESSAGES.c.id).where(
+    _MESSAGES.c.account_id == bindparam("p_account_id"),
+    _MESSAGES.c.idempotency_key == bindparam("p_key"),
+)
+_NEW_MESSAGE_FIELDS = (
+    "account_id",
+    "idempotency_key",
+    "message_id_header",
+    "from_addr",
+    "reply_to",
+    "to_addrs",
+    "cc_addrs",
+    "bcc_addrs",
+    "subject",
+    "text_body",
+    "html_body",
+    "headers",
+    "attachment_count",
+    "size_bytes",
+    "status",
+    "created_at",
+    "updated_at",
+    "deadline",
+    "next_attempt_at",
+    "due_at",
+    "attempt_count",
+    "delivered_to",
+)
+_INSERT_MESSAGE = (
+    insert(_MESSAGES)
+    .values({name: bindparam(name, type_=_MESSAGES.c[name].type) for name in _NEW_MESSAGE_FIELDS})
+    .returning(_MESSAGES.c.id)
+)
+_INSERT_ATTACHMENT = insert(_ATTACHMENTS)
+
+
 def accept(
     session: Session,
     request: EmailRequest,
@@ -48,7 +95,8 @@ def accept(
     The caller wakes the worker after commit; if that wake-up is lost, the sweeper
     finds the message once `due_at` (now + grace) has passed.
     """
-    account = session.scalar(select(Account).where(Account.name == request.account))
+    conn = session.connection()
+    account = conn.execute(_ACCOUNT_BY_NAME, {"p_name": request.account}).first()
     if account is None:
         raise InvalidRequest([FieldError("account", f"no account named {request.account!r}")])
     if request.idempotency_key is not None:
@@ -60,63 +108,72 @@ def accept(
         raise InvalidRequest(
             [FieldError("from_addr", f"is required: account {account.name!r} has no default From")]
         )
-    row = MessageRow(
-        account_id=account.id,
-        idempotency_key=request.idempotency_key,
-        message_id_header=new_message_id(from_addr, now=now),
-        from_addr=from_addr,
-        reply_to=request.reply_to,
-        to_addrs=list(request.to),
-        cc_addrs=list(request.cc),
-        bcc_addrs=list(request.bcc),
-        subject=request.subject,
-        text_body=request.text,
-        html_body=request.html,
-        headers=[list(h) for h in request.headers],
-        attachment_count=len(request.attachments),
-        size_bytes=request.size_bytes,
-        status=MessageStatus.PENDING.value,
-        created_at=now,
-        updated_at=now,
-        deadline=deadline_for(now, window_s),
-        next_attempt_at=now,
-        due_at=now + timedelta(seconds=wake_grace_s),
-        attempt_count=0,
-        delivered_to={},
-    )
-    row.attachments = [
-        AttachmentRow(position=i, filename=a.filename, content_type=a.content_type, data=a.data)
-        for i, a in enumerate(request.attachments)
-    ]
+    row = {
+        "account_id": account.id,
+        "idempotency_key": request.idempotency_key,
+        "message_id_header": new_message_id(from_addr, now=now),
+        "from_addr": from_addr,
+        "reply_to": request.reply_to,
+        "to_addrs": list(request.to),
+        "cc_addrs": list(request.cc),
+        "bcc_addrs": list(request.bcc),
+        "subject": request.subject,
+        "text_body": request.text,
+        "html_body": request.html,
+        "headers": [list(h) for h in request.headers],
+        "attachment_count": len(request.attachments),
+        "size_bytes": request.size_bytes,
+        "status": MessageStatus.PENDING.value,
+        "created_at": now,
+        "updated_at": now,
+        "deadline": deadline_for(now, window_s),
+        "next_attempt_at": now,
+        "due_at": now + timedelta(seconds=wake_grace_s),
+        "attempt_count": 0,
+        "delivered_to": {},
+    }
     if request.idempotency_key is None:
         # No key, no twin to find: an IntegrityError could only be re-raised anyway, so
         # the savepoint (two round trips) buys nothing.
-        session.add(row)
-        session.flush()
-        return Accepted(row.id, created=True)
+        return Accepted(_insert(session, row, request), created=True)
     try:
         # A savepoint, so a concurrent twin with the same key costs a re-read, not the
         # caller's whole transaction.
         with session.begin_nested():
-            session.add(row)
-            session.flush()
+            message_id = _insert(session, row, request)
     except IntegrityError:
-        existing = (
-            _by_key(session, account.id, request.idempotency_key)
-            if request.idempotency_key
-            else None
-        )
+        existing = _by_key(session, account.id, request.idempotency_key)
         if existing is None:
             raise
         return Accepted(existing, created=False)
-    return Accepted(row.id, created=True)
+    return Accepted(message_id, created=True)
+
+
+def _insert(session: Session, row: dict[str, Any], request: EmailRequest) -> int:
+    conn = session.connection()
+    message_id = int(conn.execute(_INSERT_MESSAGE, row).scalar_one())
+    if request.attachments:
+        conn.execute(
+            _INSERT_ATTACHMENT,
+            [
+                {
+                    "message_id": message_id,
+                    "position": i,
+                    "filename": a.filename,
+                    "content_type": a.content_type,
+                    "data": a.data,
+                }
+                for i, a in enumerate(request.attachments)
+            ],
+        )
+    return message_id
 
 
 def _by_key(session: Session, account_id: int, key: str) -> int | None:
-    return session.scalar(
-        select(MessageRow.id).where(
-            MessageRow.account_id == account_id, MessageRow.idempotency_key == key
-        )
+    return (
+        session.connection()
+        .execute(_MESSAGE_BY_KEY, {"p_account_id": account_id, "p_key": key})
+        .scalar()
     )
 
 
@@ -153,6 +210,144 @@ class NotClaimed:
     status: str | None = None
 
 
+_CLAIM = (
+    update(_MESSAGES)
+    .where(
+        _MESSAGES.c.id == bindparam("p_id"),
+        _MESSAGES.c.status == MessageStatus.PENDING.value,
+        or_(_MESSAGES.c.lease_until.is_(None), _MESSAGES.c.lease_until < bindparam("p_now")),
+        _MESSAGES.c.next_attempt_at <= bindparam("p_due_by"),
+    )
+    .values(
+        lease_until=bindparam("p_lease_until"),
+        lease_token=bindparam("p_token"),
+        # If this worker dies, the sweeper looks again when the lease ends.
+        due_at=bindparam("p_lease_until"),
+        attempt_count=_MESSAGES.c.attempt_count + 1,
+        updated_at=bindparam("p_now"),
+    )
+    # What a sender needs comes back with the claim: one round trip, not UPDATE + SELECT.
+    .returning(
+        *(
+            _MESSAGES.c[name]
+            for name in (
+                "id",
+                "account_id",
+                "attempt_count",
+                "deadline",
+                "created_at",
+                "delivered_to",
+                "attachment_count",
+                "message_id_header",
+                "from_addr",
+                "reply_to",
+                "to_addrs",
+                "cc_addrs",
+                "bcc_addrs",
+                "subject",
+                "text_body",
+                "html_body",
+                "headers",
+            )
+        )
+    )
+)
+
+_ATTACHMENTS_OF = (
+    select(_ATTACHMENTS.c.filename, _ATTACHMENTS.c.content_type, _ATTACHMENTS.c.data)
+    .where(_ATTACHMENTS.c.message_id == bindparam("p_id"))
+    .order_by(_ATTACHMENTS.c.position)
+)
+
+_WHY_NOT = select(_MESSAGES.c.status, _MESSAGES.c.lease_until, _MESSAGES.c.next_attempt_at).where(
+    _MESSAGES.c.id == bindparam("p_id")
+)
+
+_RELEASE = (
+    update(_MESSAGES)
+    .where(_MESSAGES.c.id == bindparam("p_id"), _MESSAGES.c.lease_token == bindparam("p_token"))
+    .values(
+        lease_until=None,
+        lease_token=None,
+        attempt_count=_MESSAGES.c.attempt_count - 1,
+        next_attempt_at=bindparam("p_next_attempt_at"),
+        due_at=bindparam("p_due_at"),
+        updated_at=bindparam("p_now"),
+    )
+)
+
+#: The state after an attempt; `next_attempt_at`, `due_at` and `sent_via` keep their old
+#: value when given NULL (a finished message has no next attempt).
+RECORD_VALUES = {
+    "status": bindparam("p_status"),
+    "lease_until": None,
+    "lease_token": None,
+    "updated_at": bindparam("p_now"),
+    "finished_at": bindparam("p_finished_at"),
+    "delivered_to": bindparam("p_delivered_to", type_=_MESSAGES.c.delivered_to.type),
+    "last_verdict": bindparam("p_last_verdict"),
+    "last_code": bindparam("p_last_code"),
+    "last_enhanced": bindparam("p_last_enhanced"),
+    "last_error": bindparam("p_last_error"),
+    "sent_via": func.coalesce(
+        bindparam("p_sent_via", type_=_MESSAGES.c.sent_via.type), _MESSAGES.c.sent_via
+    ),
+    "next_attempt_at": func.coalesce(
+        bindparam("p_next_attempt_at", type_=_MESSAGES.c.next_attempt_at.type),
+        _MESSAGES.c.next_attempt_at,
+    ),
+    "due_at": func.coalesce(
+        bindparam("p_due_at", type_=_MESSAGES.c.due_at.type), _MESSAGES.c.due_at
+    ),
+}
+_RECORD = (
+    update(_MESSAGES)
+    .where(_MESSAGES.c.id == bindparam("p_id"), _MESSAGES.c.lease_token == bindparam("p_token"))
+    .values(RECORD_VALUES)
+)
+#: Mail that went out is recorded as sent even if the lease was lost meanwhile.
+_RECORD_SENT_WITHOUT_LEASE = (
+    update(_MESSAGES)
+    .where(
+        _MESSAGES.c.id == bindparam("p_id"),
+        _MESSAGES.c.status == MessageStatus.PENDING.value,
+    )
+    .values(RECORD_VALUES)
+)
+
+ATTEMPT_FIELDS = (
+    "channel",
+    "started_at",
+    "finished_at",
+    "outcome",
+    "verdict",
+    "stage",
+    "reply_code",
+    "enhanced_code",
+    "server_text",
+    "recipients",
+    "provider_message_id",
+    "worker",
+)
+
+
+#: If the sweeper already wrote this attempt as interrupted, the real result wins: one
+#: INSERT ... ON CONFLICT DO UPDATE, no savepoint. Written as text because SQLAlchemy never
+#: caches its dialect-specific ON CONFLICT constructs (they would compile on every call);
+#: PostgreSQL and SQLite share this syntax.
+_UPSERT_ATTEMPT = text(
+    f"INSERT INTO attempts (message_id, number, {', '.join(ATTEMPT_FIELDS)}) "
+    f"VALUES (:message_id, :number, {', '.join(':' + name for name in ATTEMPT_FIELDS)}) "
+    "ON CONFLICT (message_id, number) DO UPDATE SET "
+    + ", ".join(f"{name} = excluded.{name}" for name in ATTEMPT_FIELDS)
+).bindparams(
+    *(
+        bindparam(name, type_=_ATTEMPTS.c[name].type)
+        for name in ("message_id", "number", *ATTEMPT_FIELDS)
+    )
+)
+
+
 def claim(
     session: Session,
     message_id: int,
@@ -168,49 +363,42 @@ def claim(
     hosts) still count as due.
     """
     lease_until = now + timedelta(seconds=lease_s)
-    stmt = (
-        update(MessageRow)
-        .where(
-            MessageRow.id == message_id,
-            MessageRow.status == MessageStatus.PENDING.value,
-            or_(MessageRow.lease_until.is_(None), MessageRow.lease_until < now),
-            MessageRow.next_attempt_at <= now + timedelta(seconds=early_tolerance_s),
+    row = (
+        session.connection()
+        .execute(
+            _CLAIM,
+            {
+                "p_id": message_id,
+                "p_now": now,
+                "p_due_by": now + timedelta(seconds=early_tolerance_s),
+                "p_lease_until": lease_until,
+                "p_token": token,
+            },
         )
-        .values(
-            lease_until=lease_until,
-            lease_token=token,
-            # If this worker dies, the sweeper looks again when the lease ends.
-            due_at=lease_until,
-            attempt_count=MessageRow.attempt_count + 1,
-            updated_at=now,
-        )
-        # The whole row comes back with the claim: one round trip, not UPDATE + SELECT.
-        .returning(MessageRow)
-        .execution_options(synchronize_session=False, populate_existing=True)
+        .one_or_none()
     )
-    row = session.scalars(stmt).one_or_none()
     if row is None:
-        return _why_not(session, message_id, now=now)
-    return _claimed(row, token=token, attempt_number=row.attempt_count, lease_until=lease_until)
+        return why_not(session, message_id, now=now)
+    return claimed_from_row(session, row, token=token, lease_until=lease_until)
 
 
-def _claimed(row: MessageRow, *, token: str, attempt_number: int, lease_until: datetime) -> Claimed:
+def claimed_from_row(session: Session, row: Any, *, token: str, lease_until: datetime) -> Claimed:
+    """What a sender needs, from the row the claim returned (attachments read if any)."""
     attachments: tuple[Attachment, ...] = ()
     if row.attachment_count:
         attachments = tuple(
             Attachment(filename=a.filename, content_type=a.content_type, data=a.data)
-            for a in row.attachments
+            for a in session.connection().execute(_ATTACHMENTS_OF, {"p_id": row.id})
         )
     email = outgoing_email(row, attachments)
     done = dict(row.delivered_to or {})
-    remaining = tuple(r for r in email.recipients if r not in done)
     return Claimed(
         id=row.id,
         token=token,
-        attempt_number=attempt_number,
+        attempt_number=row.attempt_count,
         account_id=row.account_id,
         email=email,
-        recipients=remaining,
+        recipients=tuple(r for r in email.recipients if r not in done),
         delivered_to=done,
         deadline=row.deadline,
         created_at=row.created_at,
@@ -218,7 +406,8 @@ def _claimed(row: MessageRow, *, token: str, attempt_number: int, lease_until: d
     )
 
 
-def outgoing_email(row: MessageRow, attachments: tuple[Attachment, ...]) -> OutgoingEmail:
+def outgoing_email(row: Any, attachments: tuple[Attachment, ...]) -> OutgoingEmail:
+    """The email held in a `messages` row (an ORM object or a Core row: same names)."""
     return OutgoingEmail(
         message_id=row.message_id_header,
         from_addr=row.from_addr,
@@ -235,12 +424,8 @@ def outgoing_email(row: MessageRow, attachments: tuple[Attachment, ...]) -> Outg
     )
 
 
-def _why_not(session: Session, message_id: int, *, now: datetime) -> NotClaimed:
-    row = session.execute(
-        select(MessageRow.status, MessageRow.lease_until, MessageRow.next_attempt_at).where(
-            MessageRow.id == message_id
-        )
-    ).first()
+def why_not(session: Session, message_id: int, *, now: datetime) -> NotClaimed:
+    row = session.connection().execute(_WHY_NOT, {"p_id": message_id}).first()
     if row is None:
         return NotClaimed("missing")
     status, lease_until, next_at = row
@@ -260,18 +445,15 @@ def release(
     due_at: datetime,
 ) -> None:
     """Give the lease back without counting an attempt (no connection slot, circuit open)."""
-    session.execute(
-        update(MessageRow)
-        .where(MessageRow.id == claimed.id, MessageRow.lease_token == claimed.token)
-        .values(
-            lease_until=None,
-            lease_token=None,
-            attempt_count=MessageRow.attempt_count - 1,
-            next_attempt_at=next_attempt_at,
-            due_at=due_at,
-            updated_at=now,
-        )
-        .execution_options(synchronize_session=False)
+    session.connection().execute(
+        _RELEASE,
+        {
+            "p_id": claimed.id,
+            "p_token": claimed.token,
+            "p_next_attempt_at": next_attempt_at,
+            "p_due_at": due_at,
+            "p_now": now,
+        },
     )
 
 
@@ -322,66 +504,44 @@ def record(
     freed the message): the attempt is still written, and a delivery is still recorded
     as sent, but a retry schedule from a stale holder is not.
     """
-    values: dict[str, Any] = {
-        "status": update_.status,
-        "lease_until": None,
-        "lease_token": None,
-        "updated_at": now,
-        "delivered_to": update_.delivered_to,
-        "last_verdict": update_.last_verdict,
-        "last_code": update_.last_code,
-        "last_enhanced": update_.last_enhanced,
-        "last_error": update_.last_error,
-    }
-    if update_.sent_via is not None:
-        values["sent_via"] = update_.sent_via
-    if update_.status == MessageStatus.PENDING.value:
-        assert update_.next_attempt_at is not None and update_.due_at is not None
-        values["next_attempt_at"] = update_.next_attempt_at
-        values["due_at"] = update_.due_at
-    else:
-        values["finished_at"] = now
-    result = session.execute(
-        update(MessageRow)
-        .where(MessageRow.id == claimed.id, MessageRow.lease_token == claimed.token)
-        .values(**values)
-        .execution_options(synchronize_session=False)
-    )
-    owned = bool(changed_rows(result))
+    conn = session.connection()
+    params = record_params(claimed, update_, now=now)
+    owned = bool(changed_rows(conn.execute(_RECORD, params)))
     if not owned and update_.status == MessageStatus.SENT.value:
-        # Mail that went out is recorded as sent even if the lease was lost meanwhile.
-        session.execute(
-            update(MessageRow)
-            .where(MessageRow.id == claimed.id, MessageRow.status == MessageStatus.PENDING.value)
-            .values(**values)
-            .execution_options(synchronize_session=False)
-        )
-    _write_attempt(session, claimed, attempt)
+        conn.execute(_RECORD_SENT_WITHOUT_LEASE, params)
+    conn.execute(_UPSERT_ATTEMPT, attempt_params(claimed, attempt))
     return owned
 
 
-def _write_attempt(session: Session, claimed: Claimed, attempt: AttemptRecord) -> None:
-    fields = {
-        "channel": attempt.channel,
-        "started_at": attempt.started_at,
-        "finished_at": attempt.finished_at,
-        "outcome": attempt.outcome,
-        "verdict": attempt.verdict,
-        "stage": attempt.stage,
-        "reply_code": attempt.reply_code,
-        "enhanced_code": attempt.enhanced_code,
-        "server_text": attempt.server_text,
-        "recipients": attempt.recipients,
-        "provider_message_id": attempt.provider_message_id,
-        "worker": attempt.worker,
+def record_params(claimed: Claimed, update_: MessageUpdate, *, now: datetime) -> dict[str, Any]:
+    """The parameters of `RECORD_VALUES` (and of the claim's token check)."""
+    pending = update_.status == MessageStatus.PENDING.value
+    if pending:
+        assert update_.next_attempt_at is not None and update_.due_at is not None
+    return {
+        "p_id": claimed.id,
+        "p_token": claimed.token,
+        "p_status": update_.status,
+        "p_now": now,
+        "p_finished_at": None if pending else now,
+        "p_delivered_to": update_.delivered_to,
+        "p_last_verdict": update_.last_verdict,
+        "p_last_code": update_.last_code,
+        "p_last_enhanced": update_.last_enhanced,
+        "p_last_error": update_.last_error,
+        "p_sent_via": update_.sent_via,
+        "p_next_attempt_at": update_.next_attempt_at if pending else None,
+        "p_due_at": update_.due_at if pending else None,
     }
-    # If the sweeper already wrote this attempt as interrupted, the real result wins:
-    # one INSERT ... ON CONFLICT DO UPDATE; no savepoint round trips, no ORM flush.
-    insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
-    stmt = insert(Attempt).values(message_id=claimed.id, number=claimed.attempt_number, **fields)
-    session.execute(
-        stmt.on_conflict_do_update(index_elements=["message_id", "number"], set_=fields)
-    )
+
+
+def attempt_params(claimed: Claimed, attempt: AttemptRecord) -> dict[str, Any]:
+    """One `attempts` row: the claim's attempt number and the attempt's fields."""
+    return {
+        "message_id": claimed.id,
+        "number": claimed.attempt_number,
+        **{name: getattr(attempt, name) for name in ATTEMPT_FIELDS},
+    }
 
 
 def due_of_account(

@@ -9,61 +9,104 @@ a slot whose holder died frees itself when `expires_at` passes. Claiming uses
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from typing import Any, cast
 
-from sqlalchemy import case, or_, select, update
+from sqlalchemy import Table, Update, bindparam, case, or_, select, update
 from sqlalchemy.orm import Session
 
 from worker.store.models import SmtpSlot
+
+_SLOTS = cast(Table, SmtpSlot.__table__)
+
+
+def acquire_statement(account_id: Any) -> Update:
+    """Take (or renew) a free slot of the account: UPDATE ... RETURNING slot.
+
+    Parameters: p_holder, p_now, p_slot_expires_at. `account_id` is a parameter or, in
+    the one-statement claim (store.sending), the claimed message's account.
+    """
+    return (
+        update(_SLOTS)
+        .where(
+            _SLOTS.c.account_id == account_id,
+            _SLOTS.c.slot
+            == (
+                select(_SLOTS.c.slot)
+                .where(
+                    _SLOTS.c.account_id == account_id,
+                    or_(
+                        _SLOTS.c.holder == bindparam("p_holder"),
+                        _SLOTS.c.holder.is_(None),
+                        _SLOTS.c.expires_at < bindparam("p_now"),
+                    ),
+                )
+                # Prefer the slot this process already holds: its connection is still open.
+                .order_by(
+                    case((_SLOTS.c.holder == bindparam("p_holder"), 0), else_=1), _SLOTS.c.slot
+                )
+                .limit(1)
+                .with_for_update(skip_locked=True)
+                .scalar_subquery()
+            ),
+        )
+        .values(holder=bindparam("p_holder"), expires_at=bindparam("p_slot_expires_at"))
+        .returning(_SLOTS.c.slot)
+    )
+
+
+# Built once with named parameters: they run for every message.
+_ACQUIRE = acquire_statement(bindparam("p_account_id"))
+_HOLD = (
+    update(_SLOTS)
+    .where(
+        _SLOTS.c.account_id == bindparam("p_account_id"), _SLOTS.c.holder == bindparam("p_holder")
+    )
+    .values(expires_at=bindparam("p_expires_at"))
+)
+_RELEASE = (
+    update(_SLOTS)
+    .where(
+        _SLOTS.c.account_id == bindparam("p_account_id"), _SLOTS.c.holder == bindparam("p_holder")
+    )
+    .values(holder=None, expires_at=None)
+)
 
 
 def acquire_slot(
     session: Session, account_id: int, *, holder: str, now: datetime, hold_s: float
 ) -> int | None:
     """Take (or renew) a connection slot for `holder`; None when all are busy."""
-    candidate = (
-        select(SmtpSlot.slot)
-        .where(
-            SmtpSlot.account_id == account_id,
-            or_(
-                SmtpSlot.holder == holder,
-                SmtpSlot.holder.is_(None),
-                SmtpSlot.expires_at < now,
-            ),
+    return (
+        session.connection()
+        .execute(
+            _ACQUIRE,
+            {
+                "p_account_id": account_id,
+                "p_holder": holder,
+                "p_now": now,
+                "p_slot_expires_at": now + timedelta(seconds=hold_s),
+            },
         )
-        # Prefer the slot this process already holds: its connection is still open.
-        .order_by(case((SmtpSlot.holder == holder, 0), else_=1), SmtpSlot.slot)
-        .limit(1)
-        .with_for_update(skip_locked=True)
-        .scalar_subquery()
+        .scalar()
     )
-    return session.execute(
-        update(SmtpSlot)
-        .where(SmtpSlot.account_id == account_id, SmtpSlot.slot == candidate)
-        .values(holder=holder, expires_at=now + timedelta(seconds=hold_s))
-        .returning(SmtpSlot.slot)
-        .execution_options(synchronize_session=False)
-    ).scalar()
 
 
 def hold_slot(
     session: Session, account_id: int, *, holder: str, now: datetime, hold_s: float
 ) -> None:
     """Keep the slot while the connection stays open for reuse."""
-    session.execute(
-        update(SmtpSlot)
-        .where(SmtpSlot.account_id == account_id, SmtpSlot.holder == holder)
-        .values(expires_at=now + timedelta(seconds=hold_s))
-        .execution_options(synchronize_session=False)
+    session.connection().execute(
+        _HOLD,
+        {
+            "p_account_id": account_id,
+            "p_holder": holder,
+            "p_expires_at": now + timedelta(seconds=hold_s),
+        },
     )
 
 
 def release_slot(session: Session, account_id: int, *, holder: str) -> None:
-    session.execute(
-        update(SmtpSlot)
-        .where(SmtpSlot.account_id == account_id, SmtpSlot.holder == holder)
-        .values(holder=None, expires_at=None)
-        .execution_options(synchronize_session=False)
-    )
+    session.connection().execute(_RELEASE, {"p_account_id": account_id, "p_holder": holder})
 
 
 def release_all(session: Session, *, holder: str) -> None:
