@@ -68,6 +68,7 @@ app.conf.update(
     # Tasks are short (one claim, one SMTP exchange, one record): a small prefetch
     # keeps the pipe full without hoarding messages in a worker that may die.
     worker_prefetch_multiplier=4,
+    worker_concurrency=settings.concurrency,
     # Countdowns are kept short (OUTBOX_COUNTDOWN_MAX); this caps what a worker holds
     # in memory even if many are due at once.
     worker_eta_task_limit=1000,
@@ -75,7 +76,11 @@ app.conf.update(
     result_expires=7 * 24 * 3600,
     # Flower needs events to show tasks and export metrics.
     worker_send_task_events=True,
-    task_send_sent_event=True,
+    # Not for the wake-ups and retries the worker publishes itself: one more Redis publish
+    # each, 7% of a pool process's time on the by-name door (bench/README.md); Flower
+    # shows those tasks from `task-received` on. Flower's own sends keep theirs
+    # (config/flower.py).
+    task_send_sent_event=False,
     # Warm shutdown: finish what runs, give back what waits.
     worker_enable_soft_shutdown_on_idle=True,
     worker_soft_shutdown_timeout=10.0,

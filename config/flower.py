@@ -26,10 +26,10 @@ What Flower 2.2 serves without authentication even when basic auth is on:
 counts and runtimes; no arguments). Every page and every ``/api/*`` call needs the
 password. Flower keeps no state across restarts (``--persistent=False``).
 
-``-A config.flower`` is the same Celery app as ``-A config``, with one difference for the
-Flower process only: tasks it sends by name (``POST /api/task/send-task/outbox.enqueue``)
-carry a masked ``kwargsrepr`` (`tasks.masking`), so its own `task-sent` event does not
-publish the email it was given.
+``-A config.flower`` is the same Celery app as ``-A config``, with two differences for
+the Flower process only: tasks it sends by name (``POST /api/task/send-task/outbox.enqueue``)
+emit a `task-sent` event, and carry a masked ``kwargsrepr`` (`tasks.masking`), so that
+event does not publish the email it was given.
 """
 
 from __future__ import annotations
@@ -187,5 +187,8 @@ def __getattr__(name: str) -> Any:
         from config.celery import app
         from tasks.masking import install_send_masking
 
+        # What Flower sends by name shows in its task list from the start (the worker
+        # itself sends no task-sent events: config/celery.py).
+        app.conf.task_send_sent_event = True
         return install_send_masking(app)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

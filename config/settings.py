@@ -41,6 +41,12 @@ def parse_duration(value: str, *, name: str) -> float:
     return seconds
 
 
+def default_concurrency() -> int:
+    """Two worker processes per core (bench/README.md: one per core left the cores idle
+    while each process waited on the database and the SMTP server)."""
+    return 2 * (os.cpu_count() or 1)
+
+
 def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 1) -> int:
     raw = env.get(name)
     if raw is None or raw.strip() == "":
@@ -116,6 +122,9 @@ class Settings:
     smtp_idle_s: float = 10.0
     smtp_max_per_connection: int = 100
     default_max_connections: int = 2
+    #: Worker processes per `outbox worker` / `celery worker`: a send spends most of its
+    #: time waiting on PostgreSQL and on the SMTP server, so more than one per core.
+    concurrency: int = field(default_factory=default_concurrency)
     #: First pause for an account whose server answered 421 / 4.7.x; doubles per repeat.
     throttle_base_s: float = 30.0
     backup_provider: str | None = None
@@ -212,6 +221,7 @@ class Settings:
             smtp_idle_s=_duration(env, "OUTBOX_SMTP_IDLE", 10.0),
             smtp_max_per_connection=_int(env, "OUTBOX_SMTP_MAX_PER_CONNECTION", 100),
             default_max_connections=_int(env, "OUTBOX_DEFAULT_MAX_CONNECTIONS", 2),
+            concurrency=_int(env, "OUTBOX_CONCURRENCY", default_concurrency()),
             throttle_base_s=_duration(env, "OUTBOX_THROTTLE_BASE", 30.0),
             backup_provider=provider,
             backup_api_key=api_key,

@@ -156,12 +156,20 @@ def test_empty_value_means_the_default(base_env):
         ("OUTBOX_MAX_RECIPIENTS", "0", "at least 1"),
         ("OUTBOX_MAX_MESSAGE_BYTES", "100", "at least 1024"),
         ("OUTBOX_LOG_JSON", "maybe", "yes/no"),
+        ("OUTBOX_CONCURRENCY", "0", "at least 1"),
+        ("OUTBOX_CONCURRENCY", "four", "not a whole number"),
     ],
 )
 def test_bad_numbers_and_flags_name_the_variable(base_env, name, value, words):
     message = _refusal(base_env, **{name: value})
     assert message.startswith(f"{name}={value!r}")
     assert words in message
+
+
+def test_concurrency_defaults_to_two_processes_per_core(base_env, monkeypatch):
+    monkeypatch.setattr("config.settings.os.cpu_count", lambda: 3)
+    assert Settings.from_env(base_env).concurrency == 6
+    assert _settings(base_env, OUTBOX_CONCURRENCY="5").concurrency == 5
 
 
 # --- URLs -------------------------------------------------------------------------------

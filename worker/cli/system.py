@@ -33,7 +33,7 @@ def db_upgrade(ctx: Context, revision: str) -> None:
     "-c",
     type=click.IntRange(1, 64),
     default=None,
-    help="Worker processes (default: one per core).",
+    help="Worker processes (default: OUTBOX_CONCURRENCY, two per core).",
 )
 @click.option("--loglevel", "-l", default="INFO", show_default=True)
 @click.option("--queues", "-Q", default=None, help="Comma-separated queues (default: all).")
