@@ -4,7 +4,7 @@
 
 Real processes only: Redis on 127.0.0.1:6379 (database 13, flushed), a throwaway
 PostgreSQL database (dropped at the end), an SMTP sink in its own process
-(`bench.sink`), `outbox worker -c 2` and a Celery no-op worker (`bench.noop_app`) with
+(`bench.sink`), `outbox worker -c N` and a Celery no-op worker (`bench.noop_app`) with
 Outbox's own message settings. Prints a table with each target marked PASS/FAIL and
 writes the figures to bench/results/latest.json (or --json). See bench/README.md.
 """
@@ -32,6 +32,7 @@ from typing import Any
 import redis
 from sqlalchemy import text
 
+from config.settings import default_concurrency
 from tests.support.services import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,6 +138,44 @@ def tree_rss_mb(pid: int) -> dict[str, Any]:
     }
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of one process so far (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU used by groups of processes during a timed window, per message.
+
+    Each group is a function listing its pids now; a process that appears during the
+    window (a database connection opened lazily) counts from zero. This is what says
+    where a message's cost goes: the worker, PostgreSQL, the SMTP sink, Redis.
+    """
+
+    def __init__(self, groups: dict[str, Callable[[], list[int]]]) -> None:
+        self.groups = groups
+        self.before: dict[str, dict[int, float]] = {}
+
+    def start(self) -> None:
+        self.before = {
+            name: {pid: cpu_s(pid) for pid in pids()} for name, pids in self.groups.items()
+        }
+
+    def per_message_ms(self, messages: int) -> dict[str, float]:
+        used: dict[str, float] = {}
+        for name, pids in self.groups.items():
+            seen = self.before[name]
+            now = {pid: cpu_s(pid) for pid in {*seen, *pids()}}
+            used[name] = sum(now[pid] - seen.get(pid, 0.0) for pid in now)
+        out = {name: round(v / messages * 1000, 3) for name, v in used.items()}
+        out["total"] = round(sum(used.values()) / messages * 1000, 3)
+        return out
+
+
 # -- the SMTP sink -----------------------------------------------------------------------
 
 
@@ -212,7 +251,14 @@ class Bench:
         from tests.support.outbox import make_account
 
         self.account_id = make_account(
-            self.db, self.box, "bench", port=self.sink.port, tls_mode="none", max_connections=2
+            self.db,
+            self.box,
+            "bench",
+            port=self.sink.port,
+            tls_mode="none",
+            # One connection per worker process: the sink takes any number, and a lower
+            # cap would measure messages waiting for a free slot, not delivery.
+            max_connections=self.args.concurrency,
         )
         from worker.message import OutgoingEmail, compose
 
@@ -261,7 +307,8 @@ class Bench:
         }
 
     def start_worker(self, name: str, *, queues: str | None = None) -> subprocess.Popen[bytes]:
-        argv = [PY, "-m", "worker.cli", "worker", "-c", "2", "--loglevel", "WARNING"]
+        argv = [PY, "-m", "worker.cli", "worker", "-c", str(self.args.concurrency)]
+        argv += ["--loglevel", "WARNING"]
         if queues:
             argv += ["-Q", queues]
         self.worker = self.procs.start(name, argv, self.env)
@@ -277,6 +324,28 @@ class Bench:
             1
             for c in self.redis.client_list()
             if c.get("db") == str(REDIS_DB) and c.get("cmd") in ("brpop", "blpop")
+        )
+
+    def redis_pid(self) -> list[int]:
+        return [int(self.redis.info("server")["process_id"])]
+
+    def pg_backends(self) -> list[int]:
+        """Server processes of the benchmark's database (the poller's one included)."""
+        with self.db.engine.connect() as conn:
+            rows = conn.execute(
+                text("SELECT pid FROM pg_stat_activity WHERE datname = current_database()")
+            )
+            return [r[0] for r in rows]
+
+    def e2e_meter(self, proc: subprocess.Popen[bytes]) -> CpuMeter:
+        return CpuMeter(
+            {
+                "worker main": lambda: [proc.pid],
+                "worker children": lambda: descendants(proc.pid),
+                "postgres": self.pg_backends,
+                "sink": lambda: [self.sink.proc.pid],
+                "redis": self.redis_pid,
+            }
         )
 
     def wait_consuming(self, proc: subprocess.Popen[bytes], queue: str, backlog: int) -> float:
@@ -412,7 +481,7 @@ class Bench:
         n = self.args.noop_tasks
         conf = self.celery_conf()
         log(
-            f"ceiling: Celery no-op, {n} tasks, prefork -c 2, "
+            f"ceiling: Celery no-op, {n} tasks, prefork -c {self.args.concurrency}, "
             f"prefetch x{conf['worker_prefetch_multiplier']}"
         )
         self.redis.delete(noop_app.COUNTER_KEY, noop_app.FINISHED_KEY)
@@ -428,7 +497,8 @@ class Bench:
             "noop-worker",
             [
                 PY, "-m", "celery", "-A", "bench.noop_app", "worker", "-P", "prefork",
-                "-c", "2", "-E", "-Q", ",".join(QUEUES), "--loglevel", "WARNING",
+                "-c", str(self.args.concurrency), "-E", "-Q", ",".join(QUEUES),
+                "--loglevel", "WARNING",
             ],
             {
                 "BENCH_BROKER_URL": self.redis_url,
@@ -436,8 +506,16 @@ class Bench:
                 "BENCH_EXPECTED": str(n),
             },
         )  # fmt: skip
+        meter = CpuMeter(
+            {
+                "worker main": lambda: [proc.pid],
+                "worker children": lambda: descendants(proc.pid),
+                "redis": self.redis_pid,
+            }
+        )
         try:
             started = self.wait_consuming(proc, SEND_QUEUE, n)
+            meter.start()
             finished = float(
                 wait_until(
                     lambda: self.redis.get(noop_app.FINISHED_KEY),
@@ -446,6 +524,7 @@ class Bench:
                     message="the no-op tasks",
                 )
             )
+            cpu = meter.per_message_ms(n)
         finally:
             self.procs.stop(proc)
         elapsed = finished - started
@@ -454,6 +533,7 @@ class Bench:
             "seconds": round(elapsed, 3),
             "tasks_per_s": round(n / elapsed, 1),
             "publish_per_s": round(n / publish_s, 1),
+            "cpu_ms_per_task": cpu,
             "settings": conf,
         }
         log(f"  {n / elapsed:,.0f} tasks/s (published at {n / publish_s:,.0f}/s)")
@@ -487,11 +567,15 @@ class Bench:
         log(f"  intake: {n / enqueue_s:,.0f} msg/s (validate + store + publish, one client)")
         assert self.redis.llen(SEND_QUEUE) == n
         proc = self.start_worker("outbox-worker-e2e")
+        meter = self.e2e_meter(proc)
         started = self.wait_consuming(proc, SEND_QUEUE, n)
+        meter.start()
         self.wait_sent(n, timeout=max(180, n / 20))
+        cpu = meter.per_message_ms(n)
         finished = self.epoch("SELECT max(finished_at) FROM messages")
         elapsed = finished - started
         self.results["e2e_python_client"] = self._e2e_figures(n, elapsed, since_id=0)
+        self.results["e2e_python_client"]["cpu_ms_per_message"] = cpu
         log(f"  drain: {n / elapsed:,.0f} msg/s ({elapsed:.1f} s, worker start to all sent)")
 
     def e2e_task_by_name(self) -> None:
@@ -507,6 +591,8 @@ class Bench:
         time.sleep(1.0)  # let the previous phase's last acks and events settle
         self.sink.stats(reset=True)
         client = Celery("bench-client", broker=self.redis_url, set_as_current=False)
+        meter = self.e2e_meter(self.worker)
+        meter.start()
         started = time.time()
         t0 = time.perf_counter()
         with client.producer_or_acquire() as producer:
@@ -519,19 +605,21 @@ class Bench:
                 )
         publish_s = time.perf_counter() - t0
         self.wait_sent(n, since_id=since, timeout=max(180, n / 20))
+        cpu = meter.per_message_ms(n)
         finished = self.epoch("SELECT max(finished_at) FROM messages WHERE id > :s", s=since)
         stored = self.epoch("SELECT max(created_at) FROM messages WHERE id > :s", s=since)
         elapsed = finished - started
         figures = self._e2e_figures(n, elapsed, since_id=since)
         figures["publish_per_s"] = round(n / publish_s, 1)
         figures["all_stored_after_s"] = round(stored - started, 3)
+        figures["cpu_ms_per_message"] = cpu
         self.results["e2e_task_by_name"] = figures
         log(f"  drain: {n / elapsed:,.0f} msg/s ({elapsed:.1f} s, first publish to all sent)")
 
     def _e2e_figures(self, n: int, elapsed: float, *, since_id: int) -> dict[str, Any]:
         with self.db.engine.connect() as conn:
             durations = [
-                r[0] * 1000
+                float(r[0]) * 1000
                 for r in conn.execute(
                     text(
                         "SELECT extract(epoch FROM a.finished_at - a.started_at) FROM attempts a "
@@ -815,6 +903,21 @@ def verdicts(r: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _cpus(r: dict[str, Any]) -> int:
+    return int(r.get("meta", {}).get("machine", {}).get("cpus") or os.cpu_count() or 1)
+
+
+def cpu_line(cpu: dict[str, float], *, cpus: int) -> str:
+    """CPU ms per message by process group, and the rate all the machine's cores could
+    sustain at that cost: the ceiling no tuning of concurrency can lift."""
+    parts = ", ".join(f"{k} {v:.2f}" for k, v in cpu.items() if k != "total")
+    bound = cpus * 1000 / cpu["total"] if cpu["total"] else float("inf")
+    line = f"{cpu['total']:.2f} ms ({parts}); {cpus} cores bound it at {bound:,.0f}/s"
+    # Celery's main process is one thread: it alone caps the rate at 1 / its cost.
+    main = cpu.get("worker main")
+    return line + (f", the worker's main process at {1000 / main:,.0f}/s" if main else "")
+
+
 def table(r: dict[str, Any]) -> str:
     rows: list[tuple[str, str]] = []
     s, c = r["ceiling_smtp"], r["ceiling_celery"]
@@ -838,11 +941,12 @@ def table(r: dict[str, Any]) -> str:
     )
     rows.append(
         (
-            "Ceiling: Celery no-op, prefork -c2",
+            f"Ceiling: Celery no-op, prefork -c{r['meta']['args']['concurrency']}",
             f"{c['tasks_per_s']:,.0f} tasks/s  "
             f"(prefetch x{c['settings']['worker_prefetch_multiplier']}, acks_late, -E)",
         )
     )
+    rows.append(("  CPU per task (no-op)", cpu_line(c["cpu_ms_per_task"], cpus=_cpus(r))))
     for door, label in (
         ("e2e_python_client", "Python client"),
         ("e2e_task_by_name", "task by name"),
@@ -867,10 +971,13 @@ def table(r: dict[str, Any]) -> str:
             )
         )
         rows.append(
+            (f"  CPU per message ({label})", cpu_line(e["cpu_ms_per_message"], cpus=_cpus(r)))
+        )
+        rows.append(
             (
                 f"  attempt started->finished ({label})",
                 f"median {e['attempt_median_ms']:.2f} "
-                f"ms, p90 {e['attempt_p90_ms']:.2f} ms (claim txn + compose + SMTP)",
+                f"ms, p90 {e['attempt_p90_ms']:.2f} ms (claim + compose + SMTP)",
             )
         )
     rows.append(
@@ -884,7 +991,7 @@ def table(r: dict[str, Any]) -> str:
         (
             "Intake: outbox.enqueue by name",
             f"{i['msgs_per_s']:,.0f} msg/s stored by "
-            f"the worker (-c2, intake queue only); "
+            f"the worker (-c{r['meta']['args']['concurrency']}, intake queue only); "
             f"all stored after {r['e2e_task_by_name']['all_stored_after_s']:.1f} s under load",
         )
     )
@@ -925,14 +1032,13 @@ def table(r: dict[str, Any]) -> str:
     lines.append(f"\n{passed}/{len(checks)} targets pass; total run {r['meta']['runtime_s']:.0f} s")
     loads = [load for _, load in r["meta"]["machine"]["load1_per_phase"]]
     cpus = r["meta"]["machine"]["cpus"] or 1
+    # Later phases' load averages include the benchmark's own processes of the phase
+    # before; only the first one says whether something else was running.
     lines.append(
-        f"load average (1 min) at each phase's start: {min(loads):.1f}-{max(loads):.1f} "
-        f"on {cpus} CPUs"
-        + (
-            "  << other work was running: rates are lower bounds"
-            if max(loads) > cpus * 0.75
-            else ""
-        )
+        f"load average (1 min) before the run: {loads[0]:.1f} on {cpus} CPUs; at later "
+        f"phases' start (the benchmark's own load included): {min(loads[1:], default=0):.1f}"
+        f"-{max(loads[1:], default=0):.1f}"
+        + ("  << other work was running: rates are lower bounds" if loads[0] > cpus * 0.5 else "")
     )
     return "\n".join(lines)
 
@@ -941,6 +1047,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=None, help="end-to-end messages (5000)")
     parser.add_argument("--quick", action="store_true", help="a small smoke run")
+    parser.add_argument(
+        "--concurrency",
+        "-c",
+        type=int,
+        default=default_concurrency(),
+        help="worker processes, the same for the no-op and Outbox's worker "
+        "(default: Outbox's own, OUTBOX_CONCURRENCY's default of two per core)",
+    )
     parser.add_argument("--json", dest="json_path", default=None, help="where to write JSON")
     args = parser.parse_args(argv)
     if args.quick:
