@@ -117,6 +117,11 @@ def _unless_lease_lost(outcome: Outcome, owned: bool) -> Outcome:
     return outcome
 
 
+def smtp_key(account: Account | SendingAccount) -> str:
+    """The connection pool's key: a settings change (new version) means new connections."""
+    return f"{account.id}:{account.settings_version}"
+
+
 def default_holder() -> str:
     """Who holds a connection slot: this host and process."""
     return f"{socket.gethostname()}:{os.getpid()}"
@@ -280,7 +285,7 @@ class DeliveryEngine:
         if got.slot is None:
             return
         account = got.account
-        keep = self._keep_slot_s(f"{account.id}:{account.settings_version}")
+        keep = self._keep_slot_s(smtp_key(account))
         if keep is not None:
             slots.hold_slot(session, account.id, holder=self.holder, now=self.clock(), hold_s=keep)
         else:
@@ -329,7 +334,7 @@ class DeliveryEngine:
             else None
         )
         return SmtpAccount(
-            key=f"{account.id}:{account.settings_version}",
+            key=smtp_key(account),
             host=account.smtp_host,
             port=account.smtp_port,
             username=account.smtp_username,
