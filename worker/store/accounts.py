@@ -5,16 +5,16 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import Row, Table, bindparam, delete, func, select
+from sqlalchemy import Row, bindparam, delete, func, select
 from sqlalchemy.orm import Session
 
 from worker.crypto import SecretBox
 from worker.intake import FieldError, InvalidRequest, _Collector, normalize_address
 from worker.store.db import changed_rows
 from worker.store.incidents import open_incident_id
-from worker.store.models import Account, Incident, MessageStatus, SmtpSlot, TlsMode
+from worker.store.models import Account, Incident, MessageStatus, SmtpSlot, TlsMode, table
 from worker.store.models import Message as MessageRow
 
 #: Settings whose change means "the SMTP setup was corrected": pending mail goes out now.
@@ -29,7 +29,7 @@ SMTP_FIELDS = (
 )
 MAX_CONNECTIONS_LIMIT = 50
 
-_ACCOUNTS = cast(Table, Account.__table__)
+_ACCOUNTS = table(Account)
 #: What a send needs of its account, with the open incident's id (or NULL), built once:
 #: it runs for every message.
 _FOR_SENDING = select(

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import Table, and_, bindparam, func, insert, or_, select, text, update
+from sqlalchemy import and_, bindparam, func, insert, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -23,6 +23,7 @@ from worker.store.models import (
     AttachmentRow,
     Attempt,
     MessageStatus,
+    table,
 )
 from worker.store.models import Message as MessageRow
 
@@ -33,10 +34,10 @@ class Accepted:
     created: bool  #: False when the idempotency key matched an earlier request
 
 
-_ACCOUNTS = cast(Table, Account.__table__)
-_MESSAGES = cast(Table, MessageRow.__table__)
-_ATTEMPTS = cast(Table, Attempt.__table__)
-_ATTACHMENTS = cast(Table, AttachmentRow.__table__)
+_ACCOUNTS = table(Account)
+_MESSAGES = table(MessageRow)
+_ATTEMPTS = table(Attempt)
+_ATTACHMENTS = table(AttachmentRow)
 
 # The statements of intake, claim and record are built once, on the Core tables, with
 # named parameters: building one per call, or letting the ORM plan a flush, cost more CPU
@@ -210,7 +211,13 @@ class NotClaimed:
     status: str | None = None
 
 
-_CLAIM = (
+#: A wake-up (a countdown) that fires this much early still counts as due: clock skew
+#: between hosts.
+EARLY_TOLERANCE_S = 1.0
+
+#: The compare-and-set claim (parameters p_id, p_now, p_due_by, p_lease_until, p_token);
+#: also the first part of store.sending's one-statement claim.
+CLAIM = (
     update(_MESSAGES)
     .where(
         _MESSAGES.c.id == bindparam("p_id"),
@@ -315,6 +322,7 @@ _RECORD_SENT_WITHOUT_LEASE = (
     .values(RECORD_VALUES)
 )
 
+#: The columns of an `attempts` row that an `AttemptRecord` fills.
 ATTEMPT_FIELDS = (
     "channel",
     "started_at",
@@ -355,7 +363,7 @@ def claim(
     now: datetime,
     lease_s: float,
     token: str,
-    early_tolerance_s: float = 1.0,
+    early_tolerance_s: float = EARLY_TOLERANCE_S,
 ) -> Claimed | NotClaimed:
     """Take the message for one attempt, or say why not.
 
@@ -366,7 +374,7 @@ def claim(
     row = (
         session.connection()
         .execute(
-            _CLAIM,
+            CLAIM,
             {
                 "p_id": message_id,
                 "p_now": now,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     JSON,
@@ -20,6 +20,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     String,
+    Table,
     Text,
     UniqueConstraint,
     text,
@@ -78,6 +79,12 @@ class AttemptOutcome(StrEnum):
 
 class Base(DeclarativeBase):
     pass
+
+
+def table(model: type[Base]) -> Table:
+    """A model's Core table, typed as one (`__table__` is typed as any FromClause): the
+    hot paths build their statements on tables, not on the ORM."""
+    return cast(Table, model.__table__)
 
 
 def _now() -> datetime:

@@ -17,11 +17,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar
 
 from sqlalchemy import (
     Boolean,
-    Table,
     bindparam,
     case,
     exists,
@@ -38,10 +37,9 @@ from sqlalchemy.orm import Session
 from worker.store import accounts as account_store
 from worker.store import slots
 from worker.store.messages import (
-    _ATTEMPTS,
-    _CLAIM,
-    _MESSAGES,
     ATTEMPT_FIELDS,
+    CLAIM,
+    EARLY_TOLERANCE_S,
     RECORD_VALUES,
     AttemptRecord,
     Claimed,
@@ -54,11 +52,13 @@ from worker.store.messages import (
     record_params,
     why_not,
 )
-from worker.store.models import Account, Incident, MessageStatus, SmtpSlot
+from worker.store.models import Account, Attempt, Incident, Message, MessageStatus, SmtpSlot, table
 
-_ACCOUNTS = cast(Table, Account.__table__)
-_INCIDENTS = cast(Table, Incident.__table__)
-_SLOTS = cast(Table, SmtpSlot.__table__)
+_ACCOUNTS = table(Account)
+_INCIDENTS = table(Incident)
+_SLOTS = table(SmtpSlot)
+_MESSAGES = table(Message)
+_ATTEMPTS = table(Attempt)
 
 
 @dataclass(frozen=True)
@@ -118,13 +118,12 @@ class SendClaim:
 
 def _may_take_slot(claimed: Claimed, account: SendingAccount, now: datetime) -> bool:
     """The claim takes a slot only for a message that may talk to the server at once."""
-    return (
-        now < claimed.deadline and account.open_incident_id is None and not (account.throttled(now))
-    )
+    throttled = account.throttled(now)
+    return now < claimed.deadline and account.open_incident_id is None and not throttled
 
 
 def _claim_in_one() -> Any:
-    claimed = _CLAIM.cte("claimed")
+    claimed = CLAIM.cte("claimed")
     claimed_account = select(claimed.c.account_id).scalar_subquery()
     account = (
         select(
@@ -199,7 +198,7 @@ def claim_for_send(
                 {
                     "p_id": message_id,
                     "p_now": now,
-                    "p_due_by": now + timedelta(seconds=1.0),
+                    "p_due_by": now + timedelta(seconds=EARLY_TOLERANCE_S),
                     "p_lease_until": lease_until,
                     "p_token": token,
                     "p_holder": holder,

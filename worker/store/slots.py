@@ -9,14 +9,14 @@ a slot whose holder died frees itself when `expires_at` passes. Claiming uses
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import Table, Update, bindparam, case, or_, select, update
+from sqlalchemy import Update, bindparam, case, or_, select, update
 from sqlalchemy.orm import Session
 
-from worker.store.models import SmtpSlot
+from worker.store.models import SmtpSlot, table
 
-_SLOTS = cast(Table, SmtpSlot.__table__)
+_SLOTS = table(SmtpSlot)
 
 
 def acquire_statement(account_id: Any) -> Update:
