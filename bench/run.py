@@ -306,6 +306,26 @@ class Bench:
             "text": BODY,
         }
 
+    def publish_enqueues(self, client: Any, n: int, *, batched: bool) -> float:
+        """Publish n `outbox.enqueue` by name, as another service would; returns the
+        seconds it took. `batched`: pipelined in groups of 1,000 (kombu's
+        Producer.batch), for a backlog published before any worker runs."""
+        from worker.contract import ENQUEUE_TASK
+
+        t0 = time.perf_counter()
+        with (
+            client.producer_or_acquire() as producer,
+            producer.batch(1000) if batched else contextlib.nullcontext(),
+        ):
+            for i in range(n):
+                client.send_task(
+                    ENQUEUE_TASK,
+                    kwargs=self.request(i),
+                    kwargsrepr="{'account': 'bench', 'recipients': 1}",
+                    producer=producer,
+                )
+        return time.perf_counter() - t0
+
     def start_worker(self, name: str, *, queues: str | None = None) -> subprocess.Popen[bytes]:
         argv = [PY, "-m", "worker.cli", "worker", "-c", str(self.args.concurrency)]
         argv += ["--loglevel", "WARNING"]
@@ -582,7 +602,6 @@ class Bench:
         """With the worker from the previous phase running and idle."""
         from celery import Celery
 
-        from worker.contract import ENQUEUE_TASK
 
         n = self.args.messages
         log(f"end to end, task-by-name door: publish {n} outbox.enqueue to a running worker")
@@ -594,16 +613,7 @@ class Bench:
         meter = self.e2e_meter(self.worker)
         meter.start()
         started = time.time()
-        t0 = time.perf_counter()
-        with client.producer_or_acquire() as producer:
-            for i in range(n):
-                client.send_task(
-                    ENQUEUE_TASK,
-                    kwargs=self.request(i),
-                    kwargsrepr="{'account': 'bench', 'recipients': 1}",
-                    producer=producer,
-                )
-        publish_s = time.perf_counter() - t0
+        publish_s = self.publish_enqueues(client, n, batched=False)
         self.wait_sent(n, since_id=since, timeout=max(180, n / 20))
         cpu = meter.per_message_ms(n)
         finished = self.epoch("SELECT max(finished_at) FROM messages WHERE id > :s", s=since)
@@ -650,22 +660,13 @@ class Bench:
     def intake_task_by_name(self) -> None:
         from celery import Celery
 
-        from worker.contract import ENQUEUE_TASK, INTAKE_QUEUE
+        from worker.contract import INTAKE_QUEUE
 
         n = self.args.messages
         log(f"intake, task-by-name door: {n} outbox.enqueue, worker on `{INTAKE_QUEUE}` only")
         self.reset_state()
         client = Celery("bench-client", broker=self.redis_url, set_as_current=False)
-        t0 = time.perf_counter()
-        with client.producer_or_acquire() as producer, producer.batch(1000):
-            for i in range(n):
-                client.send_task(
-                    ENQUEUE_TASK,
-                    kwargs=self.request(i),
-                    kwargsrepr="{'account': 'bench', 'recipients': 1}",
-                    producer=producer,
-                )
-        publish_s = time.perf_counter() - t0
+        publish_s = self.publish_enqueues(client, n, batched=True)
         proc = self.start_worker("outbox-worker-intake", queues=INTAKE_QUEUE)
         started = self.wait_consuming(proc, INTAKE_QUEUE, n)
         wait_until(

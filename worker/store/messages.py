@@ -51,9 +51,8 @@ _MESSAGE_BY_KEY = select(_MESSAGES.c.id).where(
     _MESSAGES.c.account_id == bindparam("p_account_id"),
     _MESSAGES.c.idempotency_key == bindparam("p_key"),
 )
-_NEW_MESSAGE_FIELDS = (
-    "account_id",
-    "idempotency_key",
+#: The columns that hold the email itself (what `outgoing_email` reads).
+EMAIL_COLUMNS = (
     "message_id_header",
     "from_addr",
     "reply_to",
@@ -64,6 +63,11 @@ _NEW_MESSAGE_FIELDS = (
     "text_body",
     "html_body",
     "headers",
+)
+_NEW_MESSAGE_FIELDS = (
+    "account_id",
+    "idempotency_key",
+    *EMAIL_COLUMNS,
     "attachment_count",
     "size_bytes",
     "status",
@@ -245,16 +249,7 @@ CLAIM = (
                 "created_at",
                 "delivered_to",
                 "attachment_count",
-                "message_id_header",
-                "from_addr",
-                "reply_to",
-                "to_addrs",
-                "cc_addrs",
-                "bcc_addrs",
-                "subject",
-                "text_body",
-                "html_body",
-                "headers",
+                *EMAIL_COLUMNS,
             )
         )
     )
