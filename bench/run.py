@@ -602,7 +602,6 @@ class Bench:
         """With the worker from the previous phase running and idle."""
         from celery import Celery
 
-
         n = self.args.messages
         log(f"end to end, task-by-name door: publish {n} outbox.enqueue to a running worker")
         assert self.worker is not None
