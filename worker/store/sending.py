@@ -36,6 +36,7 @@ from sqlalchemy.orm import Session
 
 from worker.store import accounts as account_store
 from worker.store import slots
+from worker.store.incidents import open_incident_id
 from worker.store.messages import (
     ATTEMPT_FIELDS,
     CLAIM,
@@ -52,10 +53,9 @@ from worker.store.messages import (
     record_params,
     why_not,
 )
-from worker.store.models import Account, Attempt, Incident, Message, MessageStatus, SmtpSlot, table
+from worker.store.models import Account, Attempt, Message, MessageStatus, SmtpSlot, table
 
 _ACCOUNTS = table(Account)
-_INCIDENTS = table(Incident)
 _SLOTS = table(SmtpSlot)
 _MESSAGES = table(Message)
 _ATTEMPTS = table(Attempt)
@@ -128,11 +128,7 @@ def _claim_in_one() -> Any:
     account = (
         select(
             *_ACCOUNTS.c,
-            select(_INCIDENTS.c.id)
-            .where(_INCIDENTS.c.account_id == _ACCOUNTS.c.id, _INCIDENTS.c.closed_at.is_(None))
-            .limit(1)
-            .scalar_subquery()
-            .label("open_incident_id"),
+            open_incident_id(_ACCOUNTS.c.id).label("open_incident_id"),
         )
         .where(_ACCOUNTS.c.id == claimed_account)
         .cte("account")
