@@ -58,6 +58,10 @@ def check_circuit(
     """
     if incident_id is None:
         return Circuit(allowed=True)
+    # Lock the incident first: a probe that succeeds meanwhile closes it and wakes the
+    # account's mail, and that must wait until this message is either sending or back
+    # in the queue (not still leased, which the wake-up would skip).
+    session.execute(select(Incident.id).where(Incident.id == incident_id).with_for_update())
     took = session.execute(
         update(Incident)
         .where(
