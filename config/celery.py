@@ -15,6 +15,8 @@ from worker.contract import (
     BACKUP_QUEUE,
     BACKUP_TASK,
     CANCEL_TASK,
+    DRAIN_TASK,
+    ENQUEUE_MANY_TASK,
     ENQUEUE_TASK,
     INTAKE_QUEUE,
     MAINTENANCE_QUEUE,
@@ -52,8 +54,10 @@ app.conf.update(
     task_default_routing_key=SEND_QUEUE,
     task_default_queue=SEND_QUEUE,
     task_routes={
+        DRAIN_TASK: {"queue": SEND_QUEUE},
         SEND_TASK: {"queue": SEND_QUEUE},
         ENQUEUE_TASK: {"queue": INTAKE_QUEUE},
+        ENQUEUE_MANY_TASK: {"queue": INTAKE_QUEUE},
         BACKUP_TASK: {"queue": BACKUP_QUEUE},
         SWEEP_TASK: {"queue": MAINTENANCE_QUEUE},
         NOTIFY_TASK: {"queue": MAINTENANCE_QUEUE},
@@ -65,8 +69,9 @@ app.conf.update(
     # process died under it. The database claim makes the second run a no-op.
     task_acks_late=True,
     task_reject_on_worker_lost=True,
-    # Tasks are short (one claim, one SMTP exchange, one record): a small prefetch
-    # keeps the pipe full without hoarding messages in a worker that may die.
+    # A drain is short (one account's batch, bounded by OUTBOX_DRAIN_SECONDS) and the
+    # broker holds about one wake-up per account with due mail: a small prefetch keeps
+    # the pipe full without hoarding another account's wake-up behind a long batch.
     worker_prefetch_multiplier=4,
     worker_concurrency=settings.concurrency,
     # Countdowns are kept short (OUTBOX_COUNTDOWN_MAX); this caps what a worker holds

@@ -111,16 +111,23 @@ class Settings:
     #: database and woken by the sweeper (Redis redelivers ETA tasks past its visibility
     #: timeout, and every ETA task sits in worker memory).
     countdown_max_s: float = 300.0
-    sweep_interval_s: float = 60.0
+    sweep_interval_s: float = 15.0
     #: After a wake-up is sent, how long before the sweeper assumes it was lost.
-    wake_grace_s: float = 300.0
+    wake_grace_s: float = 60.0
     smtp_timeout_s: float = 30.0
-    #: How long a claimed message belongs to one worker; past it the sweeper frees it.
-    lease_s: float = 300.0
+    #: How long a drain's claim on its mail and connection slot lasts without renewal;
+    #: its worker renews it every third of this while it works (worker.lease), so a dead
+    #: worker's mail is freed by the sweeper soon after.
+    lease_s: float = 30.0
     max_message_bytes: int = 25 * 1024 * 1024
     max_recipients: int = 100
-    smtp_idle_s: float = 10.0
     smtp_max_per_connection: int = 100
+    #: A drain sends at most this many messages of one account, then yields its worker.
+    drain_batch: int = 50
+    #: ... and starts no new message after this many seconds.
+    drain_seconds: float = 2.0
+    #: How far ahead `send_at` may lie.
+    send_at_horizon_s: float = 30 * 86400.0
     default_max_connections: int = 2
     #: Worker processes per `outbox worker` / `celery worker`: a send spends most of its
     #: time waiting on PostgreSQL and on the SMTP server, so more than one per core.
@@ -133,7 +140,13 @@ class Settings:
     backup_from: str | None = None
     backup_mailgun_domain: str | None = None
     backup_retry_window_s: float = 3600.0
+    #: First backoff cap of the provider's 429/5xx retries; it doubles per retry.
+    backup_retry_base_s: float = 30.0
+    #: Largest backoff cap of the provider's retries.
+    backup_retry_max_s: float = 600.0
     backup_timeout_s: float = 15.0
+    #: HTTP timeout of an incident notice's webhook.
+    notify_timeout_s: float = 10.0
     log_json: bool = False
     var_dir: Path = DEFAULT_VAR_DIR
 
@@ -212,14 +225,16 @@ class Settings:
             retry_base_s=_duration(env, "OUTBOX_RETRY_BASE", 60.0),
             retry_max_s=_duration(env, "OUTBOX_RETRY_MAX", 2 * 3600.0),
             countdown_max_s=_duration(env, "OUTBOX_COUNTDOWN_MAX", 300.0),
-            sweep_interval_s=_duration(env, "OUTBOX_SWEEP_INTERVAL", 60.0),
-            wake_grace_s=_duration(env, "OUTBOX_WAKE_GRACE", 300.0),
+            sweep_interval_s=_duration(env, "OUTBOX_SWEEP_INTERVAL", 15.0),
+            wake_grace_s=_duration(env, "OUTBOX_WAKE_GRACE", 60.0),
             smtp_timeout_s=_duration(env, "OUTBOX_SMTP_TIMEOUT", 30.0),
-            lease_s=_duration(env, "OUTBOX_LEASE", 300.0),
+            lease_s=_duration(env, "OUTBOX_LEASE", 30.0),
             max_message_bytes=_int(env, "OUTBOX_MAX_MESSAGE_BYTES", 25 * 1024 * 1024, minimum=1024),
             max_recipients=_int(env, "OUTBOX_MAX_RECIPIENTS", 100),
-            smtp_idle_s=_duration(env, "OUTBOX_SMTP_IDLE", 10.0),
             smtp_max_per_connection=_int(env, "OUTBOX_SMTP_MAX_PER_CONNECTION", 100),
+            drain_batch=_int(env, "OUTBOX_DRAIN_BATCH", 50),
+            drain_seconds=_duration(env, "OUTBOX_DRAIN_SECONDS", 2.0),
+            send_at_horizon_s=_duration(env, "OUTBOX_SEND_AT_HORIZON", 30 * 86400.0),
             default_max_connections=_int(env, "OUTBOX_DEFAULT_MAX_CONNECTIONS", 2),
             concurrency=_int(env, "OUTBOX_CONCURRENCY", default_concurrency()),
             throttle_base_s=_duration(env, "OUTBOX_THROTTLE_BASE", 30.0),
@@ -229,6 +244,19 @@ class Settings:
             backup_from=backup_from,
             backup_mailgun_domain=mailgun_domain,
             backup_retry_window_s=_duration(env, "OUTBOX_BACKUP_RETRY_WINDOW", 3600.0),
+            # Defaults follow the SMTP retry settings when those are shorter (compressed
+            # windows in tests and the demo): never a backup backoff longer than SMTP's.
+            backup_retry_base_s=_duration(
+                env,
+                "OUTBOX_BACKUP_RETRY_BASE",
+                min(30.0, _duration(env, "OUTBOX_RETRY_BASE", 60.0)),
+            ),
+            backup_retry_max_s=_duration(
+                env,
+                "OUTBOX_BACKUP_RETRY_MAX",
+                min(600.0, _duration(env, "OUTBOX_RETRY_MAX", 7200.0)),
+            ),
+            notify_timeout_s=_duration(env, "OUTBOX_NOTIFY_TIMEOUT", 10.0),
             backup_timeout_s=_duration(env, "OUTBOX_BACKUP_TIMEOUT", 15.0),
             log_json=_bool(env, "OUTBOX_LOG_JSON"),
             var_dir=var_dir,
@@ -242,11 +270,15 @@ class Settings:
                 f"OUTBOX_RETRY_BASE ({self.retry_base_s:g}s) is larger than "
                 f"OUTBOX_RETRY_MAX ({self.retry_max_s:g}s)."
             )
-        if self.smtp_timeout_s * 6 > self.lease_s:
+        if self.lease_s < 3.0:
             raise SettingsError(
-                f"OUTBOX_LEASE ({self.lease_s:g}s) must be at least six times "
-                f"OUTBOX_SMTP_TIMEOUT ({self.smtp_timeout_s:g}s), so a slow but live send "
-                "is never taken over by another worker."
+                f"OUTBOX_LEASE ({self.lease_s:g}s) must be at least 3s: a drain renews its "
+                "lease every third of it, and a renewal is a database round trip."
+            )
+        if self.drain_batch > 1000:
+            raise SettingsError(
+                f"OUTBOX_DRAIN_BATCH ({self.drain_batch}) must be at most 1000: a drain "
+                "holds its whole batch under one lease."
             )
 
 

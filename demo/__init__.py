@@ -725,9 +725,9 @@ def run(out: Printer, tmp: Path, worker_log: Path) -> bool:
         out.say(f"  worker ready after {took:.1f}s; enqueuing with the Python client:")
 
         from config.settings import Settings
-        from worker.client import Outbox
+        from worker.client import IntakeClient
 
-        client = Outbox.from_settings(Settings.from_env(env))
+        client = IntakeClient.from_settings(Settings.from_env(env))
         ids: dict[int, Scenario] = {}
         for scenario in SCENARIOS:
             accepted = client.enqueue(

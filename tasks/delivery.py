@@ -1,26 +1,28 @@
-"""`outbox.send` and `outbox.deliver_via_backup`: thin wrappers around the engine.
+"""`outbox.drain`, `outbox.send` and `outbox.deliver_via_backup`: thin wrappers around the engine.
 
-They unpack the message id, call the engine, and turn its decision into a countdown,
-a hand-off or a notice. A malformed wake-up is dropped with a log line: the database,
-not the broker, says what must be sent.
+They unpack the id, call the engine, and publish what it decided: more drains at the back
+of the queue, a countdown for the next retry, hand-offs to the backup provider, notices.
+A malformed wake-up is dropped with a log line: the database, not the broker, says what
+must be sent.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy.exc import OperationalError
 
-from config.celery import BACKUP_QUEUE, MAINTENANCE_QUEUE, RETRY_QUEUE, app
+from config.celery import BACKUP_QUEUE, MAINTENANCE_QUEUE, RETRY_QUEUE, SEND_QUEUE, app
 from tasks.runtime import runtime
-from worker.delivery import Action, Outcome
+from worker.contract import BACKUP_TASK, DRAIN_TASK, NOTIFY_TASK, SEND_TASK
+from worker.delivery import Action, DrainOutcome, NoticeDue
+from worker.fallback import BackupStep
 
 log = logging.getLogger("outbox.tasks")
 
 
-def message_id_arg(value: Any) -> int | None:
+def id_arg(value: Any) -> int | None:
     """The one argument a wake-up carries; anything else is refused, not guessed at."""
     if isinstance(value, bool) or not isinstance(value, int | str):
         return None
@@ -28,12 +30,12 @@ def message_id_arg(value: Any) -> int | None:
         number = int(value)
     except ValueError:
         return None
-    # A database id is a positive 64-bit integer; anything else is not a message of ours.
+    # A database id is a positive 64-bit integer; anything else is not one of ours.
     return number if 0 < number < 2**63 else None
 
 
-#: A wake-up whose database was briefly unreachable is tried again by Celery; the claim
-#: makes the second run safe.
+#: A wake-up whose database was briefly unreachable is tried again by Celery; the claims
+#: make the second run safe.
 DB_RETRY = {
     "autoretry_for": (OperationalError,),
     "retry_backoff": 2,
@@ -42,63 +44,88 @@ DB_RETRY = {
 }
 
 
-@app.task(name="outbox.send", **DB_RETRY)
-def send(message_id: Any) -> str:
-    return _run("outbox.send", message_id, lambda mid: runtime().engine.deliver(mid))
-
-
-@app.task(name="outbox.deliver_via_backup", **DB_RETRY)
-def deliver_via_backup(message_id: Any) -> str:
-    return _run(
-        "outbox.deliver_via_backup", message_id, lambda mid: runtime().backup_engine().deliver(mid)
+@app.task(name=DRAIN_TASK, **DB_RETRY)
+def drain(account_id: Any) -> str:
+    """Send a batch of one account's due mail over one connection."""
+    aid = id_arg(account_id)
+    if aid is None:
+        log.error("%s refused a malformed account id: %r", DRAIN_TASK, account_id)
+        return "refused"
+    outcome = runtime().engine.drain(aid)
+    publish_drain_follow_up(outcome)
+    return (
+        outcome.skipped
+        or f"sent {outcome.sent}, failed {outcome.failed}, pending {outcome.deferred}"
     )
 
 
-def _run(task: str, message_id: Any, deliver: Callable[[int], Outcome]) -> str:
-    mid = message_id_arg(message_id)
+@app.task(name=SEND_TASK, **DB_RETRY)
+def send(message_id: Any) -> str:
+    """A wake-up for one message, as published before the drains: drain its account."""
+    mid = id_arg(message_id)
     if mid is None:
-        log.error("%s refused a malformed message id: %r", task, message_id)
+        log.error("%s refused a malformed message id: %r", SEND_TASK, message_id)
         return "refused"
-    outcome = deliver(mid)
-    follow_up(outcome)
-    return outcome.action.value
+    outcome = runtime().engine.deliver(mid)
+    if outcome is None:
+        return "skipped"
+    publish_drain_follow_up(outcome)
+    return outcome.skipped or f"sent {outcome.sent}"
 
 
-def follow_up(outcome: Outcome) -> None:
-    """Publish what the engine decided. If publishing fails, the sweeper makes up for it."""
+@app.task(name=BACKUP_TASK, **DB_RETRY)
+def deliver_via_backup(message_id: Any) -> str:
+    mid = id_arg(message_id)
+    if mid is None:
+        log.error("%s refused a malformed message id: %r", BACKUP_TASK, message_id)
+        return "refused"
+    step = runtime().backup_engine().deliver(mid)
+    publish_backup_follow_up(step)
+    return step.action.value
+
+
+def publish_drain_follow_up(outcome: DrainOutcome) -> None:
+    """Publish what a drain decided. If publishing fails, the sweeper makes up for it."""
     try:
-        if outcome.action is Action.RETRY:
-            send.apply_async(
-                (outcome.message_id,), countdown=outcome.countdown_s, queue=RETRY_QUEUE
-            )
-        elif outcome.action is Action.BACKUP:
+        for _ in range(outcome.continuations):
+            drain.apply_async((outcome.account_id,), queue=SEND_QUEUE)
+        if outcome.timer_s is not None:
+            drain.apply_async((outcome.account_id,), countdown=outcome.timer_s, queue=RETRY_QUEUE)
+        for handoff in outcome.backups:
             deliver_via_backup.apply_async(
-                (outcome.message_id,), countdown=outcome.countdown_s or 0, queue=BACKUP_QUEUE
+                (handoff.message_id,), countdown=handoff.countdown_s, queue=BACKUP_QUEUE
             )
-        for notice in outcome.notices:
-            app.send_task(
-                "outbox.notify", args=(notice.incident_id, notice.kind), queue=MAINTENANCE_QUEUE
-            )
-        if outcome.wake_account_id is not None:
-            app.send_task(
-                "outbox.wake_account", args=(outcome.wake_account_id,), queue=MAINTENANCE_QUEUE
-            )
+        _publish_notices(outcome.notices)
     except Exception:
         log.exception(
-            "could not publish the follow-up of message %s (%s); the sweeper will pick it up",
-            outcome.message_id,
-            outcome.action.value,
+            "could not publish what follows the drain of account %s; the sweeper will",
+            outcome.account_id,
         )
 
 
-def wake(message_ids: list[int], *, queue: str | None = None) -> int:
-    """Send wake-ups; returns how many were published."""
-    published = 0
-    for mid in message_ids:
-        try:
-            send.apply_async((mid,), queue=queue) if queue else send.delay(mid)
-            published += 1
-        except Exception:
-            log.exception("could not publish a wake-up for message %s; the sweeper will", mid)
-            break
-    return published
+def publish_backup_follow_up(step: BackupStep) -> None:
+    try:
+        if step.action is Action.BACKUP:
+            deliver_via_backup.apply_async(
+                (step.message_id,), countdown=step.countdown_s or 0, queue=BACKUP_QUEUE
+            )
+        elif step.action is Action.RETRY and step.account_id is not None:
+            runtime().wakeups().mail_due(step.account_id)
+        _publish_notices(step.notices)
+    except Exception:
+        log.exception(
+            "could not publish the follow-up of message %s; the sweeper will", step.message_id
+        )
+
+
+def _publish_notices(notices: list[NoticeDue] | tuple[NoticeDue, ...]) -> None:
+    for notice in notices:
+        app.send_task(NOTIFY_TASK, args=(notice.incident_id, notice.kind), queue=MAINTENANCE_QUEUE)
+
+
+def publish_drain(account_id: int, countdown_s: float | None) -> None:
+    """The worker's own `Publish` (worker.wakeups): a drain now, or after a countdown."""
+    if countdown_s:
+        drain.apply_async((account_id,), countdown=countdown_s, queue=RETRY_QUEUE)
+    else:
+        drain.apply_async((account_id,), queue=SEND_QUEUE)

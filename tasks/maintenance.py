@@ -7,32 +7,39 @@ from typing import Any
 
 from sqlalchemy.exc import OperationalError
 
-from config.celery import BACKUP_QUEUE, RETRY_QUEUE, app
-from tasks.delivery import deliver_via_backup, wake
+from config.celery import BACKUP_QUEUE, app
+from tasks.delivery import deliver_via_backup, drain, publish_drain, publish_drain_follow_up
 from tasks.runtime import runtime
+from worker.contract import NOTIFY_TASK, SWEEP_TASK, WAKE_ACCOUNT_TASK
 
 log = logging.getLogger("outbox.tasks")
 
 
-@app.task(name="outbox.sweep", ignore_result=False)
+@app.task(name=SWEEP_TASK, ignore_result=False)
 def sweep() -> dict[str, int]:
-    """Wake what is due, free what a dead worker held, hand the window's end to backup."""
-    rt = runtime()
-    totals = {"woken": 0, "backup": 0, "failed": 0, "interrupted": 0}
-    for batch in rt.sweeper().run():
-        totals["woken"] += wake(batch.wake) + wake(batch.wake_retry, queue=RETRY_QUEUE)
+    """Free what dead drains held, hand the window's end to backup, wake idle accounts."""
+    totals = {"accounts_woken": 0, "backup": 0, "failed": 0, "interrupted": 0, "returned": 0}
+    for batch in runtime().sweeper().run():
+        for account_id in batch.accounts:
+            try:
+                publish_drain(account_id, None)
+            except Exception:
+                log.exception("could not wake account %s; the next sweep will", account_id)
+                break
+            totals["accounts_woken"] += 1
         for mid in batch.backup:
             deliver_via_backup.apply_async((mid,), queue=BACKUP_QUEUE)
         totals["backup"] += len(batch.backup)
         totals["failed"] += len(batch.failed)
         totals["interrupted"] += batch.interrupted
+        totals["returned"] += batch.returned
     if any(totals.values()):
         log.info("sweep %s", totals, extra={"event": "sweep", **totals})
     return totals
 
 
 @app.task(
-    name="outbox.notify",
+    name=NOTIFY_TASK,
     autoretry_for=(OperationalError,),
     retry_backoff=5,
     retry_backoff_max=600,
@@ -50,8 +57,12 @@ def notify(self: Any, incident_id: int, kind: str) -> str:
         raise
 
 
-@app.task(name="outbox.wake_account")
-def wake_account(account_id: int) -> int:
-    """Send every due pending message of the account now (settings fixed, incident over)."""
-    ids = runtime().due_of_account(int(account_id))
-    return wake(ids)
+@app.task(name=WAKE_ACCOUNT_TASK)
+def wake_account(account_id: int) -> str:
+    """Drain the account now (its settings were fixed, its incident is over)."""
+    outcome = runtime().engine.drain(int(account_id))
+    publish_drain_follow_up(outcome)
+    return outcome.skipped or f"sent {outcome.sent}"
+
+
+__all__ = ["drain", "notify", "sweep", "wake_account"]

@@ -33,7 +33,7 @@ from typing import Any
 from celery import Task
 from celery.worker.request import Request
 
-from worker.contract import ENQUEUE_TASK
+from worker.contract import ENQUEUE_MANY_TASK, ENQUEUE_TASK
 
 __all__ = [
     "MASKED_TASKS",
@@ -44,7 +44,9 @@ __all__ = [
 ]
 
 #: Tasks whose arguments are message content.
-MASKED_TASKS = frozenset({ENQUEUE_TASK})
+MASKED_TASKS = frozenset({ENQUEUE_TASK, ENQUEUE_MANY_TASK})
+#: At most this many account names are shown for an `outbox.enqueue_many` call.
+_MAX_ACCOUNTS_SHOWN = 5
 
 _RECIPIENT_FIELDS = ("to", "cc", "bcc")
 #: Long enough for any real account name or idempotency key (255 characters at most).
@@ -82,6 +84,8 @@ def masked_kwargsrepr(kwargs: Any) -> str:
     """
     if not isinstance(kwargs, Mapping):
         return f"<hidden {type(kwargs).__name__}>"
+    if "requests" in kwargs:
+        return _masked_batch(kwargs["requests"])
     summary: dict[str, Any] = {
         "account": _short(kwargs.get("account")),
         "recipients": sum(_count(kwargs.get(name)) for name in _RECIPIENT_FIELDS),
@@ -91,6 +95,23 @@ def masked_kwargsrepr(kwargs: Any) -> str:
     if attachments:
         summary["attachments"] = attachments
     return repr(summary)
+
+
+def _masked_batch(requests: Any) -> str:
+    """An `outbox.enqueue_many` call: how many requests, for which accounts."""
+    if not isinstance(requests, Sequence) or isinstance(requests, str | bytes):
+        return f"{{'requests': <{type(requests).__name__}>}}"
+    accounts = sorted(
+        {
+            str(_short(r.get("account")))
+            for r in requests
+            if isinstance(r, Mapping) and r.get("account") is not None
+        }
+    )
+    shown: list[str] = accounts[:_MAX_ACCOUNTS_SHOWN]
+    if len(accounts) > _MAX_ACCOUNTS_SHOWN:
+        shown.append(f"... {len(accounts) - _MAX_ACCOUNTS_SHOWN} more")
+    return repr({"requests": len(requests), "accounts": shown})
 
 
 def masked_argsrepr(args: Any) -> str:

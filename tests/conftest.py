@@ -23,11 +23,11 @@ from tests.support.services import (
     outbox_worker,
     redis_db_url,
 )
-from worker.client import Outbox, broker_waker
+from worker.client import IntakeClient, broker_publisher, limits_from
 from worker.crypto import SecretBox
-from worker.intake import Limits
 from worker.store import migrate
 from worker.store.db import Database
+from worker.wakeups import Wakeups
 
 pytest_plugins = ["tests.support.fixtures_smtp", "tests.support.fixtures_backup"]
 
@@ -112,14 +112,21 @@ class Env:
     def settings(self) -> Settings:
         return Settings.from_env(self.values)
 
-    def client(self, db: Database) -> Outbox:
+    def wakeups(self, db: Database) -> Wakeups:
+        """Drain wake-ups published by name, as the CLI and the Python door publish them."""
         s = self.settings()
-        return Outbox(
+        return Wakeups(
             db,
-            limits=Limits(max_message_bytes=s.max_message_bytes, max_recipients=s.max_recipients),
-            window_s=s.retry_window_s,
-            wake_grace_s=s.wake_grace_s,
-            wake=broker_waker(s.broker_url),
+            broker_publisher(s.broker_url),
+            grace_s=s.wake_grace_s,
+            countdown_max_s=s.countdown_max_s,
+        )
+
+    def client(self, db: Database) -> IntakeClient:
+        """The Python door, as a service sharing the database uses it."""
+        s = self.settings()
+        return IntakeClient(
+            db, limits=limits_from(s), window_s=s.retry_window_s, wakeups=self.wakeups(db)
         )
 
 

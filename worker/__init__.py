@@ -1,6 +1,7 @@
 """Outbox's delivery engine: usable and testable without Celery.
 
-`worker.enqueue(...)` is the Python door for services that share the database.
+`worker.enqueue(...)` and `worker.enqueue_many([...])` are the Python door for services
+that share the database.
 """
 
 from __future__ import annotations
@@ -15,4 +16,12 @@ def enqueue(**fields: Any) -> int:
     return _enqueue(**fields)
 
 
-__all__ = ["enqueue"]
+def enqueue_many(requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Validate and store up to 1,000 emails, each on its own; one result per request, in
+    order: {"id": ..., "created": ...} or {"errors": [...]}. See `worker.client`."""
+    from worker.client import enqueue_many as _enqueue_many
+
+    return _enqueue_many(requests)
+
+
+__all__ = ["enqueue", "enqueue_many"]

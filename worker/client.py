@@ -1,108 +1,169 @@
-"""The Python client for services that share Outbox's database: validate, store, wake.
+"""The Python door for services that share Outbox's database: validate, store, wake.
 
-    from worker import enqueue
+    from worker import enqueue, enqueue_many
     message_id = enqueue(account="acme", to=["a@example.com"], subject="Hi", text="...")
+    results = enqueue_many([{...}, {...}])   # up to 1,000; one result per request
 
-The wake-up is published by task name after the row is committed; if publishing fails,
-the message is still stored and the sweeper sends it (`OUTBOX_WAKE_GRACE` later).
+The drain wake-up is published by task name after the rows are committed, once per
+account; if publishing fails, the mail is still stored and the sweeper sends it.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from worker.clock import Clock, utcnow
-from worker.contract import SEND_QUEUE, SEND_TASK
-from worker.intake import Limits, validate_request
+from worker.contract import DRAIN_TASK, RETRY_QUEUE, SEND_QUEUE
+from worker.intake import FieldError, InvalidRequest, Limits, validate_batch, validate_request
+from worker.store.accept import Accepted, accept_many
 from worker.store.db import Database
-from worker.store.messages import Accepted, accept
+from worker.store.errors import StoreError
+from worker.wakeups import Publish, Wakeups
 
-log = logging.getLogger("outbox.client")
-
-Wake = Callable[[int], None]
+__all__ = ["Accepted", "BatchResult", "IntakeClient", "broker_publisher", "enqueue", "enqueue_many"]
 
 
-class Outbox:
+@dataclass(frozen=True)
+class BatchResult:
+    """One request's result in an `enqueue_many` call: its message, or why it was refused."""
+
+    accepted: Accepted | None
+    refused: InvalidRequest | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The contract's form: {"id", "created"} or {"errors": [{"field", "reason"}]}."""
+        if self.accepted is not None:
+            return {"id": self.accepted.id, "created": self.accepted.created}
+        assert self.refused is not None
+        return {"errors": [{"field": e.field, "reason": e.reason} for e in self.refused.errors]}
+
+
+def _refusal(error: StoreError) -> InvalidRequest:
+    return InvalidRequest([FieldError(error.field, str(error))])
+
+
+class IntakeClient:
+    """Validates, stores and schedules mail in the caller's process (every door uses one)."""
+
     def __init__(
         self,
         db: Database,
         *,
         limits: Limits,
         window_s: float,
-        wake_grace_s: float,
-        wake: Wake | None,
+        wakeups: Wakeups | None,
         clock: Clock = utcnow,
     ) -> None:
         self.db = db
         self.limits = limits
         self.window_s = window_s
-        self.wake_grace_s = wake_grace_s
-        self._wake = wake
+        self.wakeups = wakeups
         self.clock = clock
 
     @classmethod
-    def from_settings(cls, settings: Any, *, wake: Wake | None = None) -> Outbox:
-        """A client on the configured database, waking workers through the broker."""
-        if wake is None:
-            wake = broker_waker(settings.broker_url)
+    def from_settings(cls, settings: Any, *, publish: Publish | None = None) -> IntakeClient:
+        """A client on the configured database, waking drains through the broker."""
+        db = Database(settings.database_url)
         return cls(
-            Database(settings.database_url),
-            limits=Limits(
-                max_message_bytes=settings.max_message_bytes,
-                max_recipients=settings.max_recipients,
-            ),
+            db,
+            limits=limits_from(settings),
             window_s=settings.retry_window_s,
-            wake_grace_s=settings.wake_grace_s,
-            wake=wake,
+            wakeups=Wakeups(
+                db,
+                publish or broker_publisher(settings.broker_url),
+                grace_s=settings.wake_grace_s,
+                countdown_max_s=settings.countdown_max_s,
+            ),
         )
 
     def enqueue(self, **fields: Any) -> Accepted:
         """Validate, store and schedule one email; raises `InvalidRequest` naming the field."""
-        request = validate_request(fields, limits=self.limits)
+        now = self.clock()
+        request = validate_request(fields, limits=self.limits, now=now)
         with self.db.session() as session:
-            accepted = accept(
-                session,
-                request,
-                now=self.clock(),
-                window_s=self.window_s,
-                wake_grace_s=self.wake_grace_s,
-            )
-        if accepted.created and self._wake is not None:
-            try:
-                self._wake(accepted.id)
-            except Exception:
-                log.warning(
-                    "message %s is stored but its wake-up could not be published; "
-                    "the sweeper will send it",
-                    accepted.id,
-                    exc_info=True,
-                )
-        return accepted
+            result = accept_many(session, [request], now=now, window_s=self.window_s)[0]
+        if isinstance(result, StoreError):
+            raise _refusal(result)
+        if result.created:
+            self._wake([result])
+        return result
+
+    def enqueue_many(self, requests: Sequence[Any]) -> list[BatchResult]:
+        """Validate and store up to 1,000 requests, each on its own; one result each, in
+        order. Raises `InvalidRequest` only when the call itself is wrong (not a list, or
+        too long): then nothing is stored."""
+        now = self.clock()
+        validated = validate_batch(requests, limits=self.limits, now=now)
+        good = [r for r in validated if not isinstance(r, InvalidRequest)]
+        stored: list[Accepted | StoreError] = []
+        if good:
+            with self.db.session() as session:
+                stored = accept_many(session, good, now=now, window_s=self.window_s)
+        results: list[BatchResult] = []
+        done = iter(stored)
+        for item in validated:
+            if isinstance(item, InvalidRequest):
+                results.append(BatchResult(None, item))
+                continue
+            outcome = next(done)
+            if isinstance(outcome, StoreError):
+                results.append(BatchResult(None, _refusal(outcome)))
+            else:
+                results.append(BatchResult(outcome, None))
+        self._wake([r.accepted for r in results if r.accepted is not None and r.accepted.created])
+        return results
+
+    def _wake(self, accepted: list[Accepted]) -> None:
+        if self.wakeups is not None and accepted:
+            self.wakeups.accounts_due((a.account_id, a.due_at) for a in accepted)
 
 
-def broker_waker(broker_url: str) -> Wake:
-    """Publish `outbox.send` by name: no import of the worker's Celery app needed."""
+def limits_from(settings: Any) -> Limits:
+    return Limits(
+        max_message_bytes=settings.max_message_bytes,
+        max_recipients=settings.max_recipients,
+        send_at_horizon_s=settings.send_at_horizon_s,
+    )
+
+
+def broker_publisher(broker_url: str) -> Publish:
+    """Publish `outbox.drain` by name: no import of the worker's Celery app needed."""
     from celery import Celery
 
     producer = Celery("outbox-client", broker=broker_url, set_as_current=False)
     producer.conf.broker_connection_retry_on_startup = True
 
-    def wake(message_id: int) -> None:
-        producer.send_task(SEND_TASK, args=(message_id,), queue=SEND_QUEUE)
+    def publish(account_id: int, countdown_s: float | None) -> None:
+        if countdown_s:
+            producer.send_task(
+                DRAIN_TASK, args=(account_id,), countdown=countdown_s, queue=RETRY_QUEUE
+            )
+        else:
+            producer.send_task(DRAIN_TASK, args=(account_id,), queue=SEND_QUEUE)
 
-    return wake
+    return publish
 
 
-_default: Outbox | None = None
+_default: IntakeClient | None = None
 
 
-def enqueue(**fields: Any) -> int:
-    """Enqueue with the settings from the environment; returns the message id."""
+def _client() -> IntakeClient:
     global _default
     if _default is None:
         from config.settings import get_settings
 
-        _default = Outbox.from_settings(get_settings())
-    return _default.enqueue(**fields).id
+        _default = IntakeClient.from_settings(get_settings())
+    return _default
+
+
+def enqueue(**fields: Any) -> int:
+    """Enqueue with the settings from the environment; returns the message id."""
+    return _client().enqueue(**fields).id
+
+
+def enqueue_many(requests: Sequence[Any]) -> list[dict[str, Any]]:
+    """Enqueue up to 1,000 requests; one result per request, in order: {"id", "created"}
+    or {"errors": [{"field", "reason"}, ...]}."""
+    return [r.as_dict() for r in _client().enqueue_many(requests)]

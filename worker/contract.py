@@ -2,7 +2,13 @@
 
 #: Enqueue a message by name: `send_task("outbox.enqueue", kwargs={...})`.
 ENQUEUE_TASK = "outbox.enqueue"
-#: Wake-up for one message id; the only thing a delivery message carries.
+#: Enqueue up to 1,000 messages in one call: `send_task("outbox.enqueue_many",
+#: kwargs={"requests": [...]})`; one result per request.
+ENQUEUE_MANY_TASK = "outbox.enqueue_many"
+#: Drain one account's due mail; the only thing a delivery message carries is its id.
+DRAIN_TASK = "outbox.drain"
+#: A wake-up for one message id, as published before the drains; it drains the
+#: message's account (kept so wake-ups already in a broker still work after an upgrade).
 SEND_TASK = "outbox.send"
 BACKUP_TASK = "outbox.deliver_via_backup"
 SWEEP_TASK = "outbox.sweep"
@@ -15,9 +21,10 @@ CANCEL_TASK = "outbox.cancel"
 #: names no queue. Outbox workers consume it, so other services need no routing set-up;
 #: give Outbox its own Redis database or RabbitMQ vhost so no other app shares it.
 INTAKE_QUEUE = "celery"
-#: Fresh mail from intake and operator "send now".
+#: Drains of accounts with mail due now (fresh mail, operator "send now", a drain that
+#: yields and goes to the back of the queue).
 SEND_QUEUE = "outbox.send"
-#: Retries after a countdown: kept apart so a retry storm never delays fresh mail.
+#: Drains on a countdown (an account's next retry or scheduled send).
 RETRY_QUEUE = "outbox.retry"
 #: The final fallback through the backup provider's HTTP API.
 BACKUP_QUEUE = "outbox.backup"

@@ -1,8 +1,15 @@
-"""Deliver one message: claim it, send it, record what happened, decide what comes next.
+"""Deliver an account's due mail: a drain over one connection, a record per message.
 
-The engine returns its decision as data (`Outcome`); the Celery tasks only turn it into
-a countdown, a hand-off or a notice. No database transaction is open while the message
-is on the wire: one transaction claims, one records.
+A drain (`DeliveryEngine.drain`) is what an MTA does per destination: it takes one of the
+account's connection slots, claims a batch of the account's due mail in send order, sends
+it message after message over one SMTP connection, records each message as soon as its
+reply is known, and stops after `OUTBOX_DRAIN_BATCH` messages or `OUTBOX_DRAIN_SECONDS`, so
+one account's volume never keeps a worker from the others. What follows (more drains at
+the back of the queue, a countdown for the next retry, hand-offs to the backup provider,
+incident notices) is returned as data (`DrainOutcome`); the Celery task publishes it.
+
+No database transaction is open while mail is on the wire; the lease on the batch is
+renewed by the process's `LeaseKeeper` while the drain works.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ import logging
 import os
 import random
 import socket
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,78 +27,108 @@ from email.utils import parseaddr
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from worker.clock import Clock, utcnow
 from worker.crypto import SecretBox, SecretKeyError
-from worker.decide import Decision, RetryPolicy, SmtpAttempt, decide_after_smtp
+from worker.decide import (
+    Decision,
+    RecipientResult,
+    RetryPolicy,
+    SmtpAttempt,
+    broker_countdown,
+    decide_after_smtp,
+    plan_after_drain,
+    recipient_result,
+    stops_the_batch,
+    throttle_pause_s,
+)
+from worker.lease import Lease, LeaseKeeper
 from worker.message import compose
 from worker.replies import Reply, Stage, Verdict, classify
 from worker.smtp import SendResult, SmtpAccount, SmtpConnectionPool
 from worker.smtp import TlsMode as SmtpTlsMode
+from worker.store import accounts as account_store
+from worker.store import drains
 from worker.store import incidents as incident_store
-from worker.store import slots
-from worker.store.accounts import wake_account
 from worker.store.db import Database
 from worker.store.messages import (
     AttemptRecord,
     Claimed,
     MessageUpdate,
-    NotClaimed,
-    release,
+    record,
+    settle_without_sending,
 )
-from worker.store.models import Account, AttemptOutcome, Channel, MessageStatus
-from worker.store.models import Message as MessageRow
-from worker.store.sending import (
-    SendClaim,
-    SendingAccount,
-    claim_for_send,
-    record_send,
-    record_with_slot,
-)
+from worker.store.models import AttemptOutcome, Channel, MessageStatus
 
 log = logging.getLogger("outbox.delivery")
 
 
 class Action(StrEnum):
+    """What happened to one message in a drain (the log's `action`)."""
+
     SENT = "sent"  #: delivered; nothing more to do
     FAILED = "failed"  #: ended without delivery
-    RETRY = "retry"  #: send again after `countdown_s` (a short wait, on the broker)
-    PARKED = "parked"  #: a long wait, kept in the database; the sweeper wakes it
-    BACKUP = "backup"  #: the window is over: hand to the backup provider after `countdown_s`
-    SKIPPED = "skipped"  #: the wake-up found nothing to do (already sent, leased, not due)
+    RETRY = "retry"  #: still pending: its account's drain tries again at `next_attempt_at`
+    BACKUP = "backup"  #: the window is over: the backup provider's turn
+    SKIPPED = "skipped"  #: found nothing to do (already sent, leased, not due)
 
 
 @dataclass(frozen=True)
-class Notice:
+class NoticeDue:
+    """An incident notice to send (`outbox.notify`) once the drain's writes committed."""
+
     incident_id: int
-    kind: str  #: "opened" | "recovered"
+    kind: str  #: "opened" | "recovered" | "backup"
 
 
 @dataclass(frozen=True)
-class Outcome:
+class BackupHandOff:
+    """A message whose retry window ends within `countdown_s`: the backup provider's."""
+
     message_id: int
-    action: Action
-    countdown_s: float | None = None
-    detail: str = ""
-    notices: tuple[Notice, ...] = ()
-    #: The account's incident closed: wake all its pending mail now.
-    wake_account_id: int | None = None
+    countdown_s: float
+
+
+@dataclass
+class DrainOutcome:
+    """What a drain did and what must follow it, for the task to publish."""
+
+    account_id: int
+    #: Why the drain did nothing ("" when it ran): the account is missing, paused, or
+    #: every connection slot was busy.
+    skipped: str = ""
+    sent: int = 0
+    failed: int = 0
+    deferred: int = 0
+    #: Drains of this account to publish now, at the back of the queue.
+    continuations: int = 0
+    #: Publish a countdown drain of this account in this many seconds.
+    timer_s: float | None = None
+    backups: list[BackupHandOff] = field(default_factory=list)
+    notices: list[NoticeDue] = field(default_factory=list)
+
+    @property
+    def attempts(self) -> int:
+        return self.sent + self.failed + self.deferred
 
 
 @dataclass(frozen=True)
 class EngineConfig:
     policy: RetryPolicy = field(default_factory=RetryPolicy)
-    lease_s: float = 300.0
+    #: How long a drain's lease lasts without renewal (OUTBOX_LEASE).
+    lease_s: float = 30.0
     countdown_max_s: float = 300.0
-    wake_grace_s: float = 300.0
+    wake_grace_s: float = 60.0
     smtp_timeout_s: float = 30.0
-    smtp_idle_s: float = 60.0
-    #: Countdown when every connection slot of the account is busy (jittered x1-2).
-    slot_wait_s: float = 1.0
-    #: First pause after a 421 / 4.7.x deferral; doubles per repeat up to policy.max_s.
+    #: First pause after a 421 / 4.7.x deferral or an unreachable relay; doubles per repeat.
     throttle_base_s: float = 30.0
+    #: A drain sends at most this many messages (OUTBOX_DRAIN_BATCH)...
+    batch_size: int = 50
+    #: ...and starts no new message after this many seconds (OUTBOX_DRAIN_SECONDS).
+    batch_seconds: float = 2.0
+    #: A message whose next attempt is this close counts as due (clock skew, early timers).
+    early_tolerance_s: float = drains.EARLY_TOLERANCE_S
 
     @classmethod
     def from_settings(cls, settings: Any) -> EngineConfig:
@@ -104,20 +142,19 @@ class EngineConfig:
             countdown_max_s=settings.countdown_max_s,
             wake_grace_s=settings.wake_grace_s,
             smtp_timeout_s=settings.smtp_timeout_s,
-            smtp_idle_s=settings.smtp_idle_s,
             throttle_base_s=settings.throttle_base_s,
+            batch_size=settings.drain_batch,
+            batch_seconds=settings.drain_seconds,
         )
 
-
-def _unless_lease_lost(outcome: Outcome, owned: bool) -> Outcome:
-    """A stale holder (the send outlived its lease) schedules nothing: whoever holds the
-    message now decides its next step."""
-    if not owned and outcome.action in (Action.RETRY, Action.BACKUP, Action.PARKED):
-        return Outcome(outcome.message_id, Action.SKIPPED, detail="lease lost during the attempt")
-    return outcome
+    @property
+    def send_margin_s(self) -> float:
+        """A message is not started with less lease left than this: room for one SMTP
+        command's timeout and the record."""
+        return min(self.lease_s / 2, self.smtp_timeout_s + 2.0)
 
 
-def smtp_key(account: Account | SendingAccount) -> str:
+def smtp_key(account: drains.DrainAccount | Any) -> str:
     """The connection pool's key: a settings change (new version) means new connections."""
     return f"{account.id}:{account.settings_version}"
 
@@ -131,8 +168,41 @@ def envelope_address(address: str) -> str:
     return parseaddr(address)[1]
 
 
+@dataclass
+class _AccountState:
+    """What a drain knows of its account, kept current as its own attempts change it."""
+
+    throttle_level: int
+    incident_id: int | None
+    #: This drain is the incident's probe: one message, then stop unless it succeeds.
+    probing: bool = False
+    stop: bool = False
+
+
+class _PerMessageSeconds:
+    """How long a message of each account takes here (a moving average), so a drain
+    claims about as many as it can send before its time is up, not more."""
+
+    def __init__(self, size: int = 1024) -> None:
+        self._seconds: dict[int, float] = {}
+        self._size = size
+
+    def estimate(self, account_id: int) -> float | None:
+        return self._seconds.get(account_id)
+
+    def observe(self, account_id: int, seconds: float) -> None:
+        old = self._seconds.pop(account_id, None)
+        self._seconds[account_id] = seconds if old is None else 0.7 * old + 0.3 * seconds
+        if len(self._seconds) > self._size:
+            self._seconds.pop(next(iter(self._seconds)))
+
+
 class DeliveryEngine:
-    """Sends through each account's own SMTP server; one instance per worker process."""
+    """Sends each account's mail through its own SMTP server; one per worker process.
+
+    `drain(account_id)` is the one way mail leaves by SMTP: every wake-up (intake, a
+    retry's countdown, the sweeper, an operator, an old `outbox.send`) drains an account.
+    """
 
     def __init__(
         self,
@@ -141,8 +211,10 @@ class DeliveryEngine:
         pool: SmtpConnectionPool,
         config: EngineConfig,
         *,
+        keeper: LeaseKeeper | None = None,
         clock: Clock = utcnow,
         rng: Callable[[], float] = random.random,
+        monotonic: Callable[[], float] = time.monotonic,
         holder: str | None = None,
     ) -> None:
         self.db = db
@@ -151,37 +223,200 @@ class DeliveryEngine:
         self.config = config
         self.clock = clock
         self.rng = rng
+        self.monotonic = monotonic
         self.holder = holder or default_holder()
+        self.keeper = keeper or LeaseKeeper(db, lease_s=config.lease_s, clock=clock)
+        self._pace = _PerMessageSeconds()
 
-    # -- the SMTP path ---------------------------------------------------------------
+    # -- a drain -----------------------------------------------------------------------
 
-    def deliver(self, message_id: int) -> Outcome:
+    def drain(self, account_id: int) -> DrainOutcome:
+        """Send a batch of the account's due mail over one connection, then say what
+        follows. Safe to run any number of times, at once or late: at most
+        `max_connections` drains of an account hold a slot, and each message is claimed
+        by one drain."""
         now = self.clock()
         token = uuid.uuid4().hex
-        with self.db.session(single_statement=True) as session:
-            got = claim_for_send(
-                session,
-                message_id,
-                now=now,
-                lease_s=self.config.lease_s,
-                token=token,
-                holder=self.holder,
+        holder = f"{self.holder}:{token[:8]}"
+        with self.db.session() as session:
+            start = drains.begin_drain(
+                session, account_id, holder=holder, now=now, hold_s=self.config.lease_s
             )
-        if isinstance(got, NotClaimed):
-            return Outcome(message_id, Action.SKIPPED, detail=got.reason)
-        claimed, account = got.message, got.account
+        if start is None:
+            return DrainOutcome(account_id, skipped="no such account")
+        if start.slot is None:
+            return DrainOutcome(account_id, skipped="every connection slot is busy")
+        outcome = DrainOutcome(account_id)
+        account = start.account
+        lease = self.keeper.hold(
+            token=token,
+            account_id=account_id,
+            holder=holder,
+            until=now + timedelta(seconds=self.config.lease_s),
+        )
         try:
-            smtp_account: SmtpAccount | SecretKeyError = self.smtp_account(account)
-        except SecretKeyError as exc:
-            smtp_account = exc
-        if got.slot is None or not claimed.recipients or isinstance(smtp_account, SecretKeyError):
-            # The uncommon cases: each decides in a transaction of its own.
-            with self.db.session() as session:
-                held_back = self._before_send(session, got, now, smtp_account)
-            if held_back is not None:
-                return held_back
-            assert not isinstance(smtp_account, SecretKeyError)
+            self._send_batches(account, lease, outcome)
+        finally:
+            self.keeper.release(lease)
+            self.pool.close(smtp_key(account))
+            self._end(account, holder, token, outcome)
+        return outcome
 
+    def deliver(self, message_id: int) -> DrainOutcome | None:
+        """A wake-up for one message (`outbox.send`, as published before the drains):
+        drain its account. None: the message is missing or finished."""
+        with self.db.session() as session:
+            account_id = drains.account_of_message(session, message_id)
+        return None if account_id is None else self.drain(account_id)
+
+    def _send_batches(self, account: drains.DrainAccount, lease: Lease, out: DrainOutcome) -> None:
+        now = self.clock()
+        state = _AccountState(account.throttle_level, account.incident_id)
+        if account.throttled(now):
+            out.skipped = "the server asked us to slow down"
+            return
+        if account.incident_id is not None:
+            if account.probe_busy(now):
+                out.skipped = "the account's server is failing; waiting for the next test"
+                return
+            with self.db.session() as session:
+                until = now + timedelta(seconds=self.config.lease_s)
+                if not drains.take_probe(session, account.incident_id, now=now, until=until):
+                    out.skipped = "another drain is testing the account's server"
+                    return
+            state.probing = True
+        try:
+            smtp_account = self.smtp_account(account)
+        except SecretKeyError as exc:
+            self._unreadable_password(account, exc, out)
+            return
+
+        started = self.monotonic()
+        ends_at = started + self.config.batch_seconds
+        left = self.config.batch_size
+        while left > 0 and not state.stop and self.monotonic() < ends_at:
+            now = self.clock()
+            limit = 1 if state.probing else self._claim_size(account.id, left, ends_at)
+            with self.db.session() as session:
+                batch = drains.claim_batch(
+                    session,
+                    account.id,
+                    token=lease.token,
+                    limit=limit,
+                    now=now,
+                    lease_until=now + timedelta(seconds=self.config.lease_s),
+                    early_tolerance_s=self.config.early_tolerance_s,
+                    # The incident's probe is the message that failed last: its backoff
+                    # paces the tests of the broken server.
+                    first=account.probe_message_id if state.probing else None,
+                )
+            if not batch:
+                return
+            lease.claimed(now + timedelta(seconds=self.config.lease_s), [m.id for m in batch])
+            for claimed in batch:
+                if state.stop or self.monotonic() >= ends_at:
+                    break  # the rest goes back to the queue when the drain ends
+                if not lease.may_send(
+                    claimed.id, now=self.clock(), margin_s=self.config.send_margin_s
+                ):
+                    state.stop = True
+                    log.warning(
+                        "drain of account %s stops: its lease could not be renewed", account.name
+                    )
+                    break
+                t0 = self.monotonic()
+                self._send_one(claimed, account, smtp_account, lease, state, out)
+                self._pace.observe(account.id, self.monotonic() - t0)
+                left -= 1
+
+    def _claim_size(self, account_id: int, left: int, ends_at: float) -> int:
+        per_message = self._pace.estimate(account_id)
+        if per_message is None:
+            return min(left, 10)
+        fits = int((ends_at - self.monotonic()) / max(per_message, 1e-4)) + 1
+        return max(1, min(left, fits))
+
+    def _end(
+        self, account: drains.DrainAccount, holder: str, token: str, out: DrainOutcome
+    ) -> None:
+        """Give back what was not sent and the slot; decide and note what follows."""
+        try:
+            self.db.run(
+                lambda session: self._plan_next(session, account, holder, token, out),
+                give_up_after_s=self.config.lease_s / 2,
+            )
+        except Exception:
+            # The slot and the leases expire by themselves; the sweeper wakes the account.
+            log.exception("could not end the drain of account %s cleanly", account.name)
+
+    def _plan_next(
+        self,
+        session: Session,
+        account: drains.DrainAccount,
+        holder: str,
+        token: str,
+        out: DrainOutcome,
+    ) -> None:
+        now = self.clock()
+        account_id = account.id
+        queue = drains.end_drain(
+            session,
+            account_id,
+            holder=holder,
+            token=token,
+            now=now,
+            count_up_to=self.config.batch_size * account.max_connections,
+            early_tolerance_s=self.config.early_tolerance_s,
+        )
+        if queue is None:
+            return
+        plan = plan_after_drain(
+            due_now=queue.due_now,
+            free_slots=queue.free_slots,
+            batch_size=self.config.batch_size,
+            next_due_at=queue.next_due_at,
+            paused_until=queue.account.paused_until(now),
+            now=now,
+            countdown_max_s=self.config.countdown_max_s,
+        )
+        out.continuations = plan.continuations
+        timer_at = queue.timer_at
+        out.timer_s = None
+        if plan.timer_at is not None and drains.timer_needed(
+            queue.timer_at, plan.timer_at, now=now, stale_s=self.config.wake_grace_s
+        ):
+            timer_at = plan.timer_at
+            out.timer_s = (plan.timer_at - now).total_seconds()
+        drains.set_drain_flags(
+            session,
+            account_id,
+            # Mail is due: a continuation is published, or (every other slot busy) the
+            # drains holding the slots look again when they end.
+            queued_at=now if queue.due_now else None,
+            timer_at=timer_at if timer_at is not None and timer_at > now else None,
+        )
+
+    # -- one message ---------------------------------------------------------------------
+
+    def _send_one(
+        self,
+        claimed: Claimed,
+        account: drains.DrainAccount,
+        smtp_account: SmtpAccount,
+        lease: Lease,
+        state: _AccountState,
+        out: DrainOutcome,
+    ) -> None:
+        now = self.clock()
+        if not claimed.recipients:
+            # Every recipient was settled by earlier attempts; only the status lagged.
+            with self.db.session() as session:
+                status = settle_without_sending(session, claimed, now=now)
+            if status == MessageStatus.SENT.value:
+                out.sent += 1
+            else:
+                out.failed += 1
+            return
         email = claimed.email
         data = compose(email).as_bytes()
         result = self.pool.send(
@@ -202,132 +437,68 @@ class DeliveryEngine:
             policy=self.config.policy,
             rng=self.rng,
         )
-        keep_slot_s = self._keep_slot_s(smtp_account.key)
         # The mail may have gone out: losing this record would send it again, so a
-        # database restart here is waited out rather than given up on.
-        give_up_after_s = claimed.record_time_s(self.clock())
-        if self._touches_account(decision, account):
-            outcome = self.db.run(
+        # database restart here is waited out for as long as the lease allows.
+        give_up_after_s = max(1.0, lease.seconds_left(self.clock()) - 2.0)
+        if self._touches_account(decision, state):
+            action, owned, notices = self.db.run(
                 lambda session: self._record_with_account(
-                    session, got, result, decision, now, finished, keep_slot_s
+                    session, claimed, result, decision, now, finished, state
                 ),
                 give_up_after_s=give_up_after_s,
             )
+            out.notices.extend(notices)
         else:
-            attempt, update_, planned = self._attempt_and_update(
+            attempt, update_, action = self._attempt_and_update(
                 claimed, result, decision, now, finished, decision.next_attempt_at
             )
-            owned = self.db.run(
-                lambda session: record_send(
-                    session,
-                    claimed,
-                    attempt,
-                    update_,
-                    now=finished,
-                    holder=self.holder,
-                    keep_slot_s=keep_slot_s,
-                ),
-                give_up_after_s=give_up_after_s,
-                single_statement=True,
+            owned = self.db.attempts.record(
+                self.db, claimed, attempt, update_, now=finished, give_up_after_s=give_up_after_s
             )
-            outcome = _unless_lease_lost(planned, owned)
-        self._log_attempt(claimed, account.name, result.reply, decision, outcome)
-        return outcome
-
-    def _before_send(
-        self,
-        session: Session,
-        got: SendClaim,
-        now: datetime,
-        smtp_account: SmtpAccount | SecretKeyError,
-    ) -> Outcome | None:
-        """The claim took no connection slot, or there is nothing to send, or the password
-        cannot be read: decide here (None: go ahead and send)."""
-        claimed, account = got.message, got.account
-        if now >= claimed.deadline:
-            release(
-                session,
-                claimed,
-                now=now,
-                next_attempt_at=claimed.deadline,
-                due_at=now + timedelta(seconds=self.config.wake_grace_s),
-            )
-            return Outcome(
-                claimed.id, Action.BACKUP, countdown_s=0.0, detail="the retry window is over"
-            )
-        if not claimed.recipients:
-            # Every recipient was settled by earlier attempts; only the status lagged.
-            self._give_back_slot(session, got)
-            return self._settle_without_sending(session, claimed, now)
-        if isinstance(smtp_account, SecretKeyError):
-            log.error(
-                "OPERATOR ACTION NEEDED: message %s of account %s: %s",
-                claimed.id,
-                account.name,
-                smtp_account,
-            )
-            self._give_back_slot(session, got)
-            return self._hold_back(
-                session, claimed, now, self.config.policy.max_s, str(smtp_account), park=True
-            )
-        if got.slot is None:
-            return self._gate(session, claimed, account, now)
-        return None
-
-    def _keep_slot_s(self, smtp_key: str) -> float | None:
-        """How long to keep the connection slot after an attempt: while the connection
-        stays open for reuse (until it would be closed as idle, plus the reaper's tick),
-        since an idle connection still counts against the account's cap; None: give the
-        slot back."""
-        return self.config.smtp_idle_s + 2.0 if self.pool.has_connection(smtp_key) else None
-
-    def _give_back_slot(self, session: Session, got: SendClaim) -> None:
-        if got.slot is None:
-            return
-        account = got.account
-        keep = self._keep_slot_s(smtp_key(account))
-        if keep is not None:
-            slots.hold_slot(session, account.id, holder=self.holder, now=self.clock(), hold_s=keep)
+        if action is Action.SENT:
+            out.sent += 1
+        elif action is Action.FAILED:
+            out.failed += 1
         else:
-            slots.release_slot(session, account.id, holder=self.holder)
+            out.deferred += 1
+            if action is Action.BACKUP and owned:
+                countdown = broker_countdown(
+                    (claimed.deadline - finished).total_seconds(),
+                    countdown_max_s=self.config.countdown_max_s,
+                )
+                if countdown is not None:
+                    out.backups.append(BackupHandOff(claimed.id, countdown))
+        if stops_the_batch(decision) or (state.probing and action is not Action.SENT):
+            state.stop = True
+        self._log_attempt(claimed, account.name, result.reply, decision, action)
+
+    def _unreadable_password(
+        self, account: drains.DrainAccount, exc: SecretKeyError, out: DrainOutcome
+    ) -> None:
+        """The stored password cannot be decrypted (a lost or rotated key): nothing of the
+        account can go out until an operator acts; look again after one backoff cap."""
+        log.error("OPERATOR ACTION NEEDED: account %s: %s", account.name, exc)
+        until = self.clock() + timedelta(seconds=self.config.policy.max_s)
+        with self.db.session() as session:
+            account_store.pause(session, account.id, until=until, level=account.throttle_level)
+        out.skipped = str(exc)
 
     @staticmethod
-    def _touches_account(decision: Decision, account: SendingAccount) -> bool:
+    def _touches_account(decision: Decision, state: _AccountState) -> bool:
         """Does this attempt change the account's state (slow-down, incident)?"""
         return bool(
             decision.throttle
-            or (decision.reached_server and account.throttle_level)
+            or decision.unreachable
+            or (decision.reached_server and state.throttle_level)
             or decision.account_problem
             or (
-                account.open_incident_id is not None
+                state.incident_id is not None
                 and (decision.reached_server or decision.status == MessageStatus.SENT.value)
             )
         )
 
-    def _settle_without_sending(self, session: Session, got: Claimed, now: datetime) -> Outcome:
-        any_sent = any(v.get("outcome") == "sent" for v in got.delivered_to.values())
-        status = MessageStatus.SENT.value if any_sent else MessageStatus.FAILED.value
-        session.execute(
-            update(MessageRow)
-            .where(MessageRow.id == got.id, MessageRow.lease_token == got.token)
-            .values(
-                status=status,
-                finished_at=now,
-                updated_at=now,
-                lease_until=None,
-                lease_token=None,
-                attempt_count=MessageRow.attempt_count - 1,
-            )
-            .execution_options(synchronize_session=False)
-        )
-        return Outcome(
-            got.id,
-            Action.SENT if any_sent else Action.FAILED,
-            detail="every recipient was already settled",
-        )
-
-    def smtp_account(self, account: Account | SendingAccount) -> SmtpAccount:
-        """How to reach the account's server."""
+    def smtp_account(self, account: drains.DrainAccount | Any) -> SmtpAccount:
+        """How to reach the account's server (the password decrypted here, only here)."""
         password = (
             self.box.decrypt(account.smtp_password_encrypted)
             if account.smtp_password_encrypted
@@ -344,97 +515,36 @@ class DeliveryEngine:
             timeout_s=self.config.smtp_timeout_s,
         )
 
-    def _gate(
-        self, session: Session, got: Claimed, account: SendingAccount, now: datetime
-    ) -> Outcome | None:
-        """May this message talk to the server now? If not, give the claim back."""
-        if account.throttled(now):
-            assert account.throttle_until is not None
-            wait = (account.throttle_until - now).total_seconds() * (1 + 0.2 * self.rng())
-            return self._hold_back(session, got, now, wait, "the server asked us to slow down")
-        circuit = incident_store.check_circuit(
-            session,
-            account.id,
-            got.id,
-            now=now,
-            lease_s=self.config.lease_s,
-            incident_id=account.open_incident_id,
-        )
-        if not circuit.allowed:
-            # Wait for the incident to close (which wakes everyone), or at the latest
-            # one backoff cap, so the mail still reaches the backup in time.
-            wait = min(self.config.policy.max_s, (got.deadline - now).total_seconds())
-            return self._hold_back(
-                session,
-                got,
-                now,
-                max(wait, 0.0),
-                "the account's server is failing; another message is testing it",
-                park=True,
-            )
-        slot = slots.acquire_slot(
-            session, account.id, holder=self.holder, now=now, hold_s=self.config.lease_s
-        )
-        if slot is None:
-            wait = self.config.slot_wait_s * (1 + self.rng())
-            return self._hold_back(session, got, now, wait, "all connection slots are busy")
-        return None
-
-    def _hold_back(
-        self,
-        session: Session,
-        got: Claimed,
-        now: datetime,
-        wait_s: float,
-        why: str,
-        *,
-        park: bool = False,
-    ) -> Outcome:
-        when = min(now + timedelta(seconds=wait_s), got.deadline)
-        countdown = (when - now).total_seconds()
-        on_broker = not park and countdown <= self.config.countdown_max_s
-        due = when + timedelta(seconds=self.config.wake_grace_s) if on_broker else when
-        release(session, got, now=now, next_attempt_at=when, due_at=due)
-        if on_broker:
-            return Outcome(got.id, Action.RETRY, countdown_s=countdown, detail=why)
-        return Outcome(got.id, Action.PARKED, detail=why)
-
     def _record_with_account(
         self,
         session: Session,
-        got: SendClaim,
+        claimed: Claimed,
         result: SendResult,
         decision: Decision,
         started: datetime,
         finished: datetime,
-        keep_slot_s: float | None,
-    ) -> Outcome:
+        state: _AccountState,
+    ) -> tuple[Action, bool, list[NoticeDue]]:
         """Record an attempt that also changes the account: a slow-down begins or ends,
         an incident opens or closes. One transaction for all of it."""
-        claimed, seen = got.message, got.account
         account_id = claimed.account_id
-        notices: list[Notice] = []
-        wake_account_id: int | None = None
-
+        notices: list[NoticeDue] = []
         next_at = decision.next_attempt_at
-        account: Account | None = None
-        if decision.throttle or (decision.reached_server and seen.throttle_level != 0):
-            account = session.get(Account, account_id)
-            assert account is not None
-        if decision.throttle:
-            assert account is not None
-            account.throttle_level = (account.throttle_level or 0) + 1
-            # Doubles per repeated request, capped like retries (but never below the
-            # first pause: a slow-down shorter than asked for is no slow-down).
-            cap = max(self.config.policy.max_s, self.config.throttle_base_s)
-            pause = min(cap, self.config.throttle_base_s * 2 ** (account.throttle_level - 1))
-            pause *= 0.5 + 0.5 * self.rng()
-            account.throttle_until = finished + timedelta(seconds=pause)
-            if next_at is not None and next_at < account.throttle_until:
-                next_at = min(account.throttle_until, claimed.deadline)
-        elif account is not None and decision.reached_server and account.throttle_level:
-            account.throttle_level = 0
-            account.throttle_until = None
+        if decision.throttle or decision.unreachable:
+            state.throttle_level += 1
+            pause = throttle_pause_s(
+                level=state.throttle_level,
+                base_s=self.config.throttle_base_s,
+                max_s=self.config.policy.max_s,
+                rng=self.rng,
+            )
+            until = finished + timedelta(seconds=pause)
+            account_store.pause(session, account_id, until=until, level=state.throttle_level)
+            if next_at is not None and next_at < until:
+                next_at = min(until, claimed.deadline)
+        elif decision.reached_server and state.throttle_level:
+            state.throttle_level = 0
+            account_store.pause(session, account_id, until=None, level=0)
 
         if decision.account_problem:
             incident_id, opened = incident_store.note_account_failure(
@@ -447,63 +557,45 @@ class DeliveryEngine:
                 message_id=claimed.id,
                 next_probe_at=next_at or claimed.deadline,
             )
+            state.incident_id = incident_id
             if opened:
-                notices.append(Notice(incident_id, "opened"))
-        elif seen.open_incident_id is not None and (
+                notices.append(NoticeDue(incident_id, "opened"))
+        elif state.incident_id is not None and (
             decision.reached_server or decision.status == MessageStatus.SENT.value
         ):
-            # Only when the claim saw an open incident: no UPDATE per message otherwise.
             closed = incident_store.close_incident(session, account_id, now=finished)
+            state.incident_id = None
+            state.probing = False
             if closed is not None:
-                notices.append(Notice(closed, "recovered"))
-                wake_account(session, account_id, now=finished)
-                wake_account_id = account_id
+                notices.append(NoticeDue(closed, "recovered"))
+                # Mail that waited behind the incident goes out now, with this drain.
+                account_store.wake_account(session, account_id, now=finished)
 
-        attempt, update_, planned = self._attempt_and_update(
+        attempt, update_, action = self._attempt_and_update(
             claimed, result, decision, started, finished, next_at
         )
-        owned = record_with_slot(
-            session,
-            claimed,
-            attempt,
-            update_,
-            now=finished,
-            holder=self.holder,
-            keep_slot_s=keep_slot_s,
-        )
-        outcome = _unless_lease_lost(planned, owned)
-        return Outcome(
-            outcome.message_id,
-            outcome.action,
-            countdown_s=outcome.countdown_s,
-            detail=outcome.detail,
-            notices=tuple(notices),
-            wake_account_id=wake_account_id,
-        )
+        owned = record(session, claimed, attempt, update_, now=finished)
+        return action, owned, notices
 
     def _attempt_and_update(
         self,
-        got: Claimed,
+        claimed: Claimed,
         result: SendResult,
         decision: Decision,
         started: datetime,
         finished: datetime,
         next_at: datetime | None,
-    ) -> tuple[AttemptRecord, MessageUpdate, Outcome]:
-        """The attempt's row, the message's new state and what comes next (no I/O)."""
+    ) -> tuple[AttemptRecord, MessageUpdate, Action]:
+        """The attempt's row, the message's new state and what happens to it (no I/O)."""
         reply = decision.explanation.reply
-        per_recipient = {}
-        for rcpt in got.recipients:
+        per_recipient: dict[str, RecipientResult] = {}
+        for rcpt in claimed.recipients:
             r = result.refused.get(rcpt) or result.reply
-            per_recipient[rcpt] = {
-                "outcome": "sent" if rcpt in result.accepted else "refused",
-                "code": r.code,
-                "enhanced": r.enhanced,
-                "text": r.text[:500],
-                "verdict": classify(
-                    r, Stage.RCPT if rcpt in result.refused else None
-                ).verdict.value,
-            }
+            per_recipient[rcpt] = recipient_result(
+                "sent" if rcpt in result.accepted else "refused",
+                r,
+                classify(r, Stage.RCPT if rcpt in result.refused else None),
+            )
         if result.accepted:
             attempt_outcome = AttemptOutcome.SENT.value
         elif decision.status == MessageStatus.FAILED.value:
@@ -520,71 +612,66 @@ class DeliveryEngine:
             reply_code=result.reply.code,
             enhanced_code=result.reply.enhanced,
             server_text=(result.reply.text or str(result.reply))[:2000],
-            recipients=per_recipient,
+            recipients=dict(per_recipient),
             worker=self.holder,
         )
-
-        outcome: Outcome
         if decision.status != MessageStatus.PENDING.value:
+            sent = decision.status == MessageStatus.SENT.value
             update_ = MessageUpdate(
                 status=decision.status,
-                sent_via=Channel.SMTP.value if decision.status == "sent" else None,
+                sent_via=Channel.SMTP.value if sent else None,
                 delivered_to=decision.settled,
                 last_verdict=decision.explanation.verdict.value,
                 last_code=reply.code,
                 last_enhanced=reply.enhanced,
-                last_error=None
-                if decision.status == "sent" and not decision.refusals
-                else str(reply)[:1000],
+                last_error=None if sent and not decision.refusals else str(reply)[:1000],
             )
-            action = Action.SENT if decision.status == "sent" else Action.FAILED
-            outcome = Outcome(got.id, action, detail=str(reply))
-        else:
-            assert next_at is not None
-            countdown = max(0.0, (next_at - finished).total_seconds())
-            on_broker = countdown <= self.config.countdown_max_s
-            due = next_at + timedelta(seconds=self.config.wake_grace_s) if on_broker else next_at
-            update_ = MessageUpdate(
-                status=MessageStatus.PENDING.value,
-                next_attempt_at=next_at,
-                due_at=due,
-                delivered_to=decision.settled,
-                last_verdict=decision.explanation.verdict.value,
-                last_code=reply.code,
-                last_enhanced=reply.enhanced,
-                last_error=str(reply)[:1000],
+            return attempt, update_, Action.SENT if sent else Action.FAILED
+        assert next_at is not None
+        due_at = claimed.deadline
+        if decision.window_over:
+            # The backup's turn at the deadline: handed over by this drain (a countdown)
+            # when that is soon enough, else by the sweeper at `due_at`.
+            countdown = broker_countdown(
+                (claimed.deadline - finished).total_seconds(),
+                countdown_max_s=self.config.countdown_max_s,
             )
-            if decision.window_over:
-                action = Action.BACKUP if on_broker else Action.PARKED
-            else:
-                action = Action.RETRY if on_broker else Action.PARKED
-            outcome = Outcome(
-                got.id, action, countdown_s=countdown if on_broker else None, detail=str(reply)
-            )
-        return attempt, update_, outcome
+            if countdown is not None:
+                due_at = claimed.deadline + timedelta(seconds=self.config.wake_grace_s)
+        update_ = MessageUpdate(
+            status=MessageStatus.PENDING.value,
+            next_attempt_at=next_at,
+            due_at=due_at,
+            delivered_to=decision.settled,
+            last_verdict=decision.explanation.verdict.value,
+            last_code=reply.code,
+            last_enhanced=reply.enhanced,
+            last_error=str(reply)[:1000],
+        )
+        return attempt, update_, Action.BACKUP if decision.window_over else Action.RETRY
 
     def _log_attempt(
-        self, got: Claimed, account: str, reply: Reply, decision: Decision, outcome: Outcome
+        self, claimed: Claimed, account: str, reply: Reply, decision: Decision, action: Action
     ) -> None:
         log.info(
             "attempt message=%s account=%s attempt=%s verdict=%s code=%s enhanced=%s action=%s",
-            got.id,
+            claimed.id,
             account,
-            got.attempt_number,
+            claimed.attempt_number,
             decision.explanation.verdict.value,
             reply.code,
             reply.enhanced,
-            outcome.action.value,
+            action.value,
             extra={
                 "event": "attempt",
-                "message_id": got.id,
+                "message_id": claimed.id,
                 "account": account,
-                "attempt": got.attempt_number,
+                "attempt": claimed.attempt_number,
                 "channel": "smtp",
                 "verdict": decision.explanation.verdict.value,
                 "code": reply.code,
                 "enhanced": reply.enhanced,
                 "stage": reply.stage.value if reply.stage else None,
-                "action": outcome.action.value,
+                "action": action.value,
             },
         )

@@ -20,7 +20,8 @@ from sqlalchemy.orm import Session
 from worker.backoff import backoff_delay_s
 from worker.backup import BackupOutcome, BackupProvider, BackupResult, backup_sender
 from worker.clock import Clock, utcnow
-from worker.delivery import Action, Notice, Outcome, envelope_address
+from worker.decide import backup_recipient_result, broker_countdown
+from worker.delivery import Action, NoticeDue, envelope_address
 from worker.message import OutgoingEmail
 from worker.store.db import Database
 from worker.store.messages import (
@@ -54,6 +55,20 @@ class BackupConfig:
     wake_grace_s: float = 300.0
 
 
+@dataclass(frozen=True)
+class BackupStep:
+    """What one backup attempt did, and what must follow it."""
+
+    message_id: int
+    action: Action
+    #: For `Action.BACKUP`: try the provider again after this many seconds (a countdown);
+    #: for `Action.RETRY`: the SMTP window is still open, wake the account's drain.
+    countdown_s: float | None = None
+    detail: str = ""
+    notices: tuple[NoticeDue, ...] = ()
+    account_id: int | None = None
+
+
 def restrict_to(email: OutgoingEmail, recipients: tuple[str, ...]) -> OutgoingEmail:
     """The same email addressed only to `recipients` (those SMTP did not deliver)."""
     wanted = {envelope_address(r).lower() for r in recipients}
@@ -82,27 +97,21 @@ class BackupEngine:
         self.rng = rng
         self.holder = holder
 
-    def deliver(self, message_id: int) -> Outcome:
+    def deliver(self, message_id: int) -> BackupStep:
         now = self.clock()
         token = uuid.uuid4().hex
         with self.db.session() as session:
             got = claim(session, message_id, now=now, lease_s=self.config.lease_s, token=token)
             if isinstance(got, NotClaimed):
-                return Outcome(message_id, Action.SKIPPED, detail=got.reason)
+                return BackupStep(message_id, Action.SKIPPED, detail=got.reason)
             if now < got.deadline:
                 # Woken early (an operator, a stray task): SMTP still has time.
-                release(
-                    session,
-                    got,
-                    now=now,
-                    next_attempt_at=now,
-                    due_at=now + timedelta(seconds=self.config.wake_grace_s),
-                )
-                return Outcome(
+                release(session, got, now=now, next_attempt_at=now, due_at=got.deadline)
+                return BackupStep(
                     message_id,
                     Action.RETRY,
-                    countdown_s=0.0,
                     detail="the retry window is still open",
+                    account_id=got.account_id,
                 )
             account = session.get(Account, got.account_id)
             assert account is not None
@@ -153,7 +162,7 @@ class BackupEngine:
         )
         return outcome
 
-    def _finish_without_provider(self, got: Claimed, now: datetime) -> Outcome:
+    def _finish_without_provider(self, got: Claimed, now: datetime) -> BackupStep:
         with self.db.session() as session:
             record(
                 session,
@@ -177,7 +186,7 @@ class BackupEngine:
                 ),
                 now=now,
             )
-        return Outcome(got.id, Action.FAILED, detail=NO_PROVIDER)
+        return BackupStep(got.id, Action.FAILED, detail=NO_PROVIDER)
 
     def _record(
         self,
@@ -187,7 +196,7 @@ class BackupEngine:
         backup_tries: int,
         started: datetime,
         finished: datetime,
-    ) -> Outcome:
+    ) -> BackupStep:
         attempt = AttemptRecord(
             channel=Channel.BACKUP.value,
             started_at=started,
@@ -203,25 +212,23 @@ class BackupEngine:
             enhanced_code=None,
             server_text=f"{result.provider}: {result.detail}"[:2000],
             recipients={
-                r: {
-                    "outcome": "sent" if result.outcome is BackupOutcome.SENT else "pending",
-                    "code": result.http_status,
-                }
+                r: backup_recipient_result(
+                    "sent" if result.outcome is BackupOutcome.SENT else "pending",
+                    http_status=result.http_status,
+                    detail=result.detail,
+                )
                 for r in got.recipients
             },
             provider_message_id=result.provider_message_id,
             worker=self.holder,
         )
-        notices: list[Notice] = []
+        notices: list[NoticeDue] = []
         if result.outcome is BackupOutcome.SENT:
             settled = dict(got.delivered_to)
             for rcpt in got.recipients:
-                settled[rcpt] = {
-                    "outcome": "sent",
-                    "channel": "backup",
-                    "code": result.http_status,
-                    "text": result.detail[:200],
-                }
+                settled[rcpt] = backup_recipient_result(
+                    "sent", http_status=result.http_status, detail=result.detail
+                )
             record(
                 session,
                 got,
@@ -246,8 +253,8 @@ class BackupEngine:
                     .values(backup_deliveries=Incident.backup_deliveries + 1)
                 )
                 if incident.backup_notified_at is None:
-                    notices.append(Notice(incident.id, "backup"))
-            return Outcome(
+                    notices.append(NoticeDue(incident.id, "backup"))
+            return BackupStep(
                 got.id, Action.SENT, detail=f"sent via {result.provider}", notices=tuple(notices)
             )
 
@@ -260,7 +267,8 @@ class BackupEngine:
         )
         next_at = finished + timedelta(seconds=delay)
         if result.outcome is BackupOutcome.RETRY and next_at < give_up_at:
-            on_broker = delay <= self.config.countdown_max_s
+            countdown = broker_countdown(delay, countdown_max_s=self.config.countdown_max_s)
+            on_broker = countdown is not None
             record(
                 session,
                 got,
@@ -278,8 +286,9 @@ class BackupEngine:
                 now=finished,
             )
             if on_broker:
-                return Outcome(got.id, Action.BACKUP, countdown_s=delay, detail=result.detail)
-            return Outcome(got.id, Action.PARKED, detail=result.detail)
+                return BackupStep(got.id, Action.BACKUP, countdown_s=delay, detail=result.detail)
+            # Parked: the sweeper hands it over again at `due_at`.
+            return BackupStep(got.id, Action.SKIPPED, detail=result.detail)
         reason = result.explanation
         if result.outcome is BackupOutcome.RETRY:
             reason = f"The backup provider kept failing until the end of its retry time: {reason}"
@@ -295,4 +304,4 @@ class BackupEngine:
             ),
             now=finished,
         )
-        return Outcome(got.id, Action.FAILED, detail=reason)
+        return BackupStep(got.id, Action.FAILED, detail=reason)

@@ -13,7 +13,7 @@ import re
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from email.utils import formataddr
 from typing import Any, TypeGuard
 
@@ -36,8 +36,14 @@ REQUEST_FIELDS = frozenset(
         "headers",
         "attachments",
         "idempotency_key",
+        "priority",
+        "send_at",
     }
 )
+#: `priority` values, in the order an account's mail is sent (worker.store.models.Priority).
+PRIORITIES = ("high", "normal", "bulk")
+#: The most requests one `enqueue_many` call may carry.
+MAX_BATCH_REQUESTS = 1000
 #: Headers Outbox writes itself; a caller may not set or override them.
 RESERVED_HEADERS = frozenset(
     {
@@ -101,6 +107,8 @@ class InvalidRequest(ValueError):
 class Limits:
     max_message_bytes: int = 25 * 1024 * 1024
     max_recipients: int = 100
+    #: How far ahead `send_at` may lie (OUTBOX_SEND_AT_HORIZON).
+    send_at_horizon_s: float = 30 * 86400.0
 
 
 @dataclass(frozen=True)
@@ -120,6 +128,10 @@ class EmailRequest:
     attachments: tuple[Attachment, ...] = field(default=(), repr=False)
     idempotency_key: str | None = None
     size_bytes: int = 0
+    #: The rank of `priority` (0 high, 1 normal, 2 bulk).
+    priority: int = 1
+    #: Not sent before this (aware UTC); None: at once.
+    send_at: datetime | None = None
 
 
 class _Collector:
@@ -305,8 +317,59 @@ def _attachments(payload: Mapping[str, Any], errors: _Collector) -> tuple[Attach
     return tuple(out)
 
 
-def validate_request(payload: Mapping[str, Any], *, limits: Limits) -> EmailRequest:
-    """Check every field; raise `InvalidRequest` naming all bad fields, or return the request."""
+def _priority(payload: Mapping[str, Any], errors: _Collector) -> int:
+    value = payload.get("priority")
+    if value is None:
+        return PRIORITIES.index("normal")
+    if not _is_str(value) or value not in PRIORITIES:
+        shown = repr(value)[:40]
+        errors.add("priority", f"{shown} is not one of {', '.join(PRIORITIES)}")
+        return PRIORITIES.index("normal")
+    return PRIORITIES.index(value)
+
+
+def _send_at(
+    payload: Mapping[str, Any], errors: _Collector, *, now: datetime, horizon_s: float
+) -> datetime | None:
+    value = payload.get("send_at")
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        when = value
+    elif _is_str(value):
+        try:
+            when = datetime.fromisoformat(value.strip())
+        except ValueError:
+            errors.add(
+                "send_at",
+                f"{value[:40]!r} is not an ISO 8601 time (e.g. 2026-12-24T09:00:00+01:00)",
+            )
+            return None
+    else:
+        errors.add("send_at", f"must be an ISO 8601 time string, not {type(value).__name__}")
+        return None
+    if when.tzinfo is None or when.utcoffset() is None:
+        errors.add("send_at", "needs a time zone (an offset such as +01:00, or Z for UTC)")
+        return None
+    when = when.astimezone(UTC)
+    if when > now + timedelta(seconds=horizon_s):
+        days = horizon_s / 86400
+        errors.add(
+            "send_at",
+            f"lies more than {days:g} days ahead (OUTBOX_SEND_AT_HORIZON); at most "
+            f"{(now + timedelta(seconds=horizon_s)).isoformat(timespec='seconds')}",
+        )
+        return None
+    return when if when > now else None
+
+
+def validate_request(
+    payload: Mapping[str, Any], *, limits: Limits, now: datetime | None = None
+) -> EmailRequest:
+    """Check every field; raise `InvalidRequest` naming all bad fields, or return the request.
+
+    `now` (aware UTC; default: the clock) is what `send_at` is checked against.
+    """
     errors = _Collector()
     if not isinstance(payload, Mapping):
         raise InvalidRequest([FieldError("request", "must be an object of named fields")])
@@ -359,6 +422,10 @@ def validate_request(payload: Mapping[str, Any], *, limits: Limits) -> EmailRequ
 
     headers = _headers(payload, errors)
     attachments = _attachments(payload, errors)
+    priority = _priority(payload, errors)
+    send_at = _send_at(
+        payload, errors, now=now or datetime.now(UTC), horizon_s=limits.send_at_horizon_s
+    )
 
     key = payload.get("idempotency_key")
     if key is not None and (
@@ -400,7 +467,41 @@ def validate_request(payload: Mapping[str, Any], *, limits: Limits) -> EmailRequ
         attachments=attachments,
         idempotency_key=key,
         size_bytes=size,
+        priority=priority,
+        send_at=send_at,
     )
+
+
+def validate_batch(
+    requests: Any, *, limits: Limits, now: datetime | None = None
+) -> list[EmailRequest | InvalidRequest]:
+    """Validate the requests of one `enqueue_many` call, each on its own: the result, in
+    order, is each request or why it was refused. A call that is not a list of at most
+    `MAX_BATCH_REQUESTS` is refused as a whole (`InvalidRequest`), before anything else."""
+    if isinstance(requests, (str, bytes, Mapping)) or not isinstance(requests, Sequence):
+        raise InvalidRequest(
+            [FieldError("requests", f"must be a list of requests, not {type(requests).__name__}")]
+        )
+    if not requests:
+        raise InvalidRequest([FieldError("requests", "is empty: give at least one request")])
+    if len(requests) > MAX_BATCH_REQUESTS:
+        raise InvalidRequest(
+            [
+                FieldError(
+                    "requests",
+                    f"has {len(requests):,} requests; at most {MAX_BATCH_REQUESTS:,} per call "
+                    "(nothing was stored)",
+                )
+            ]
+        )
+    now = now or datetime.now(UTC)
+    out: list[EmailRequest | InvalidRequest] = []
+    for request in requests:
+        try:
+            out.append(validate_request(request, limits=limits, now=now))
+        except InvalidRequest as exc:
+            out.append(exc)
+    return out
 
 
 def new_message_id(from_addr: str, *, now: datetime) -> str:

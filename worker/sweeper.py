@@ -1,8 +1,9 @@
 """The sweeper: the relay that makes the database, not the broker, the source of truth.
 
-It wakes waits parked in the database, wake-ups that were lost (broker flushed, worker
-killed, publish failed after commit), frees leases of dead workers, and hands mail past
-its deadline to the backup provider. Bounded batches, each its own transaction.
+It frees the mail of drains whose worker died (their leases ran out), hands mail past its
+deadline to the backup provider, and wakes every account that has due mail and nobody
+draining it: a wake-up lost with a flushed broker or a killed worker, a retry parked in the
+database, a pause that ended. Bounded batches, each its own transaction.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 
 from worker.clock import Clock, utcnow
 from worker.store.db import Database
-from worker.store.sweep import SweepBatch, sweep_batch
+from worker.store.sweep import SweepBatch, sweep_accounts, sweep_messages
 
 
 @dataclass(frozen=True)
@@ -21,9 +22,8 @@ class SweepConfig:
     #: At most this many batches per run, so one sweep never runs for long; the next
     #: run continues where it stopped.
     max_batches: int = 40
-    wake_grace_s: float = 300.0
-    lease_s: float = 300.0
-    backup_enabled: bool = False
+    wake_grace_s: float = 60.0
+    backup_enabled: bool = True
 
 
 class Sweeper:
@@ -34,17 +34,32 @@ class Sweeper:
 
     def run(self) -> Iterator[SweepBatch]:
         """Yield batches after their transaction commits (publish wake-ups after commit)."""
+        freed: set[int] = set()
         for _ in range(self.config.max_batches):
             with self.db.session() as session:
-                batch = sweep_batch(
+                batch, batch_freed = sweep_messages(
                     session,
                     now=self.clock(),
                     limit=self.config.batch_size,
                     wake_grace_s=self.config.wake_grace_s,
-                    lease_s=self.config.lease_s,
                     backup_enabled=self.config.backup_enabled,
                 )
+            freed |= batch_freed
             if batch.size:
                 yield batch
             if batch.size < self.config.batch_size:
+                break
+        for _ in range(self.config.max_batches):
+            with self.db.session() as session:
+                accounts = sweep_accounts(
+                    session,
+                    now=self.clock(),
+                    wake_grace_s=self.config.wake_grace_s,
+                    limit=self.config.batch_size,
+                    freed=freed,
+                )
+            freed = set()
+            if accounts:
+                yield SweepBatch(accounts=accounts)
+            if len(accounts) < self.config.batch_size:
                 return

@@ -35,9 +35,8 @@ from tests.support.outbox import make_account
 from tests.support.provider_stub import ProviderStub
 from tests.support.smtpd import ScriptedSMTPServer
 from tests.support.tally import judge, load_facts
-from worker.client import Outbox, broker_waker
+from worker.client import IntakeClient, limits_from
 from worker.contract import QUEUES
-from worker.intake import Limits
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -153,15 +152,9 @@ class Monitor:
         self._thread.join(timeout=10)
 
 
-def _client(env, db, *, window_s: float) -> Outbox:
+def _client(env, db, *, window_s: float) -> IntakeClient:
     s = env.settings()
-    return Outbox(
-        db,
-        limits=Limits(max_message_bytes=s.max_message_bytes, max_recipients=s.max_recipients),
-        window_s=window_s,
-        wake_grace_s=s.wake_grace_s,
-        wake=broker_waker(s.broker_url),
-    )
+    return IntakeClient(db, limits=limits_from(s), window_s=window_s, wakeups=env.wakeups(db))
 
 
 def _recipient(plan: Plan, i: int) -> str:
@@ -169,12 +162,16 @@ def _recipient(plan: Plan, i: int) -> str:
 
 
 def _task_results(env) -> Counter[str]:
-    """What each `outbox.send` / backup task returned, from the worker logs."""
+    """How many drains ran, and what each backup task returned, from the worker logs."""
     results: Counter[str] = Counter()
     for path in env.tmp.glob("load-*.log"):
         for line in path.read_text(errors="replace").splitlines():
-            if "succeeded in" in line and ("outbox.send[" in line or "deliver_via_backup[" in line):
-                results[line.rsplit(":", 1)[-1].strip().strip("'")] += 1
+            if "succeeded in" not in line:
+                continue
+            if "outbox.drain[" in line:
+                results["drain runs"] += 1
+            elif "deliver_via_backup[" in line:
+                results["backup " + line.rsplit(":", 1)[-1].strip().strip("'")] += 1
     return results
 
 

@@ -317,7 +317,7 @@ def test_flower_door_refuses_hostile_requests_naming_the_field(
         **GOOD,
         "subject": "Hi\r\nBcc: victim@example.org",
         "cc": ["carol@example.com", 42],
-        "priority": "high",
+        "priority": "urgent",
     }
     with running_flower(env.values, env.tmp / "flower.log") as flower, flower.client() as api:
         sent = api.post("/api/task/send-task/outbox.enqueue", json={"kwargs": hostile})
@@ -440,8 +440,8 @@ def test_a_refused_request_cannot_forge_log_lines(env, db, box, start_worker):
 
 def test_a_wake_up_with_an_id_beyond_bigint_is_dropped_as_malformed(env):
     script = textwrap.dedent("""
-        from tasks.delivery import message_id_arg
-        print(message_id_arg("99999999999999999999999"), message_id_arg(2**63))
+        from tasks.delivery import id_arg
+        print(id_arg("99999999999999999999999"), id_arg(2**63))
     """)
     done = subprocess.run(
         [sys.executable, "-c", script],

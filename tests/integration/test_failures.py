@@ -212,8 +212,6 @@ def _throttled(db) -> bool:
 
 
 def test_connection_cap_holds_across_two_workers(fast, db, box, start_worker):
-    # Idle connections count against the cap; a short idle time lets the slot move on.
-    fast.values["OUTBOX_SMTP_IDLE"] = "0.5"
     with ScriptedSMTPServer(tls="none") as server:
         server.script.hang_after_data_s = 0.15
         make_account(db, box, "acme", port=server.port, tls_mode="none", max_connections=1)

@@ -139,7 +139,7 @@ def test_retry_and_cancel_as_tasks_by_name(env, db, box, plain_smtp_server, star
 def test_bulk_cancel_asks_first_then_cancels_all_pending(env, db, box):
     make_account(db, box, "acme", port=2525, tls_mode="none")
     client = env.client(db)
-    client._wake = None
+    client.wakeups = None
     ids = [
         client.enqueue(account="acme", to=["bob@example.com"], subject="x", text="y").id
         for _ in range(3)
@@ -158,7 +158,7 @@ def test_bulk_cancel_asks_first_then_cancels_all_pending(env, db, box):
 def test_purge_removes_only_old_finished_mail(env, db, box):
     make_account(db, box, "acme", port=2525, tls_mode="none")
     client = env.client(db)
-    client._wake = None
+    client.wakeups = None
     ids = [
         client.enqueue(account="acme", to=["bob@example.com"], subject="x", text="y").id
         for _ in range(5)
@@ -193,7 +193,7 @@ def test_purge_removes_only_old_finished_mail(env, db, box):
 def test_stats_show_counts_verdicts_and_fallback_rate(env, db, box):
     make_account(db, box, "acme", port=2525, tls_mode="none")
     client = env.client(db)
-    client._wake = None
+    client.wakeups = None
     ids = [
         client.enqueue(account="acme", to=["bob@example.com"], subject="x", text="y").id
         for _ in range(4)

@@ -259,8 +259,9 @@ def test_a_mistyped_or_undecodable_enqueue_does_not_log_its_body(env, db, start_
 # -- never on the broker ---------------------------------------------------------------
 
 
-def test_the_broker_carries_only_message_ids(env, db):
-    """While mail waits (no worker), nothing on Redis holds a password or a body."""
+def test_the_broker_carries_only_account_ids(env, db):
+    """While mail waits (no worker), nothing on Redis holds a password or a body: a wake-up
+    names the account to drain, and only one waits per account."""
     passwords = [canary("pw"), canary("pw")]
     body = canary("body")
     created = outbox_cli(
@@ -294,13 +295,15 @@ def test_the_broker_carries_only_message_ids(env, db):
         == []
     )
     queued = [json.loads(raw) for raw in contents.get("outbox.send", [])]
-    assert len(queued) == 6  # one wake-up per enqueue, one per pending message on the change
-    for envelope in queued:
-        assert envelope["headers"]["task"] == "outbox.send"
-        args, kwargs, _ = json.loads(base64.b64decode(envelope["body"]))
-        assert kwargs == {} and len(args) == 1 and args[0] in ids, (args, kwargs)
-        assert envelope["headers"]["argsrepr"] == repr((args[0],))
-    assert sorted(json.loads(base64.b64decode(e["body"]))[0][0] for e in queued) == sorted(ids * 2)
+    # Three enqueues and a password change, coalesced: the account already had a drain
+    # waiting on the broker, so nothing more was published.
+    assert len(queued) == 1, queued
+    (envelope,) = queued
+    assert envelope["headers"]["task"] == "outbox.drain"
+    args, kwargs, _ = json.loads(base64.b64decode(envelope["body"]))
+    assert kwargs == {} and len(args) == 1, (args, kwargs)
+    assert {message(db, i).account_id for i in ids} == {args[0]}
+    assert envelope["headers"]["argsrepr"] == repr((args[0],))
 
     # The scan does see a body that is on the broker: `outbox.enqueue` by name carries the
     # request itself (by design: the caller has no database), until a worker takes it.

@@ -8,13 +8,13 @@ from collections.abc import Callable, Iterable
 from sqlalchemy import func, select
 
 from tests.support.services import wait_until
-from worker.client import Outbox
+from worker.client import IntakeClient
 from worker.store.db import Database
 from worker.store.models import Message
 
 
 def enqueue_many(
-    client: Outbox,
+    client: IntakeClient,
     account: str,
     count: int,
     *,

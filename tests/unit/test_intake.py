@@ -14,6 +14,7 @@ from worker.intake import (
     InvalidRequest,
     Limits,
     new_message_id,
+    validate_batch,
     validate_request,
 )
 from worker.message import Attachment
@@ -224,8 +225,8 @@ def test_overlong_header_value_is_refused():
 
 
 def test_unknown_fields_are_refused_by_name():
-    error = _refusal(_request(attachment=[], priority="high"))
-    assert [e.field for e in error.errors] == ["attachment", "priority"]
+    error = _refusal(_request(attachment=[], urgency="high"))
+    assert [e.field for e in error.errors] == ["attachment", "urgency"]
     assert all("not a field of outbox.enqueue" in e.reason for e in error.errors)
 
 
@@ -414,7 +415,7 @@ def test_every_bad_field_is_reported_at_once():
         "attachments": {"filename": "a.pdf"},
         "text": ["Hello"],
         "idempotency_key": "",
-        "priority": "high",
+        "priority": "urgent",
     }
     error = _refusal(payload)
     assert {e.field for e in error.errors} == {
@@ -478,3 +479,88 @@ def test_message_ids_sort_by_intake_time():
     earlier = new_message_id("a@example.com", now=datetime(2025, 1, 1, tzinfo=UTC))
     later = new_message_id("a@example.com", now=datetime(2025, 6, 1, tzinfo=UTC))
     assert earlier.split(".")[0] < later.split(".")[0]
+
+
+# -- priority and send_at -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("value", "rank"), [(None, 1), ("high", 0), ("normal", 1), ("bulk", 2)])
+def test_priority_is_ranked_in_send_order(value, rank):
+    payload = _request() if value is None else _request(priority=value)
+    assert validate_request(payload, limits=LIMITS, now=NOW).priority == rank
+
+
+@pytest.mark.parametrize("value", ["urgent", "HIGH", "", 0, ["high"]])
+def test_unknown_priority_is_refused_naming_the_choices(value):
+    error = _refusal(_request(priority=value))
+    assert [e.field for e in error.errors] == ["priority"]
+    assert "high, normal, bulk" in error.errors[0].reason
+
+
+def _send_at(value: Any, limits: Limits = LIMITS) -> datetime | None:
+    return validate_request(_request(send_at=value), limits=limits, now=NOW).send_at
+
+
+def test_send_at_with_a_zone_is_kept_in_utc():
+    assert _send_at("2025-03-01T14:30:00+01:00") == datetime(2025, 3, 1, 13, 30, tzinfo=UTC)
+    assert _send_at("2025-03-02T00:00:00Z") == datetime(2025, 3, 2, tzinfo=UTC)
+
+
+def test_send_at_in_the_past_means_at_once():
+    assert _send_at("2025-03-01T11:00:00+00:00") is None
+
+
+@pytest.mark.parametrize(
+    ("value", "words"),
+    [
+        ("2025-03-01T14:30:00", "time zone"),
+        ("tomorrow at nine", "not an ISO 8601 time"),
+        (1740830400, "ISO 8601 time string"),
+        ("2025-04-15T12:00:00+00:00", "30 days ahead"),
+    ],
+)
+def test_bad_send_at_is_refused_with_the_reason(value, words):
+    with pytest.raises(InvalidRequest) as info:
+        validate_request(_request(send_at=value), limits=LIMITS, now=NOW)
+    assert [e.field for e in info.value.errors] == ["send_at"]
+    assert words in info.value.errors[0].reason
+
+
+def test_the_send_at_horizon_is_a_setting():
+    limits = Limits(send_at_horizon_s=3600.0)
+    assert _send_at("2025-03-01T12:59:00Z", limits) == datetime(2025, 3, 1, 12, 59, tzinfo=UTC)
+    with pytest.raises(InvalidRequest):
+        _send_at("2025-03-01T13:01:00Z", limits)
+
+
+# -- enqueue_many -------------------------------------------------------------------------
+
+
+def test_a_batch_validates_each_request_on_its_own_in_order():
+    results = validate_batch(
+        [_request(), _request(to=5), _request(priority="bulk")], limits=LIMITS, now=NOW
+    )
+    assert isinstance(results[0], EmailRequest)
+    assert isinstance(results[1], InvalidRequest)
+    assert [e.field for e in results[1].errors] == ["to"]
+    assert isinstance(results[2], EmailRequest) and results[2].priority == 2
+
+
+@pytest.mark.parametrize(
+    ("requests", "words"),
+    [
+        ([_request()] * 1001, "1,001 requests; at most 1,000"),
+        ([], "is empty"),
+        ({"account": "acme"}, "must be a list"),
+        ("[]", "must be a list"),
+    ],
+)
+def test_a_batch_that_is_not_a_list_of_at_most_1000_is_refused_whole(requests, words):
+    with pytest.raises(InvalidRequest) as info:
+        validate_batch(requests, limits=LIMITS, now=NOW)
+    assert [e.field for e in info.value.errors] == ["requests"]
+    assert words in info.value.errors[0].reason
+
+
+def test_a_batch_of_exactly_1000_is_accepted():
+    assert len(validate_batch([_request()] * 1000, limits=LIMITS, now=NOW)) == 1000

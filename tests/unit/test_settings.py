@@ -43,7 +43,10 @@ def test_defaults_with_an_empty_environment(base_env, tmp_path):
     assert settings.retry_base_s == 60
     assert settings.retry_max_s == 2 * 3600
     assert settings.smtp_timeout_s == 30
-    assert settings.lease_s == 300
+    assert settings.lease_s == 30
+    assert settings.drain_batch == 50
+    assert settings.drain_seconds == 2
+    assert settings.send_at_horizon_s == 30 * 86400
     assert settings.max_message_bytes == 25 * 1024 * 1024
     assert settings.max_recipients == 100
     assert settings.backup_provider is None
@@ -125,7 +128,13 @@ def test_parse_duration_refuses_bad_values_naming_the_variable(text):
 
 @pytest.mark.parametrize(
     "name",
-    ["OUTBOX_RETRY_WINDOW", "OUTBOX_SWEEP_INTERVAL", "OUTBOX_BACKUP_TIMEOUT", "OUTBOX_SMTP_IDLE"],
+    [
+        "OUTBOX_RETRY_WINDOW",
+        "OUTBOX_SWEEP_INTERVAL",
+        "OUTBOX_BACKUP_TIMEOUT",
+        "OUTBOX_DRAIN_SECONDS",
+        "OUTBOX_SEND_AT_HORIZON",
+    ],
 )
 def test_bad_duration_in_the_environment_names_the_variable(base_env, name):
     message = _refusal(base_env, **{name: "soon"})
@@ -273,20 +282,19 @@ def test_retry_base_larger_than_retry_max_is_refused(base_env):
     assert "OUTBOX_RETRY_MAX" in message
 
 
-@pytest.mark.parametrize(
-    "values",
-    [
-        {"OUTBOX_LEASE": "179"},
-        {"OUTBOX_SMTP_TIMEOUT": "60"},
-        {"OUTBOX_SMTP_TIMEOUT": "10", "OUTBOX_LEASE": "59s"},
-    ],
-)
-def test_lease_shorter_than_six_smtp_timeouts_is_refused(base_env, values):
-    message = _refusal(base_env, **values)
+def test_lease_shorter_than_three_seconds_is_refused(base_env):
+    message = _refusal(base_env, OUTBOX_LEASE="2s")
     assert "OUTBOX_LEASE" in message
-    assert "OUTBOX_SMTP_TIMEOUT" in message
+    assert "renews" in message
 
 
-def test_lease_of_exactly_six_smtp_timeouts_is_accepted(base_env):
-    settings = _settings(base_env, OUTBOX_SMTP_TIMEOUT="10", OUTBOX_LEASE="1m")
-    assert settings.lease_s == 60
+def test_a_lease_shorter_than_the_smtp_timeout_is_fine_because_drains_renew_it(base_env):
+    settings = _settings(base_env, OUTBOX_SMTP_TIMEOUT="60", OUTBOX_LEASE="3s")
+    assert (settings.smtp_timeout_s, settings.lease_s) == (60, 3)
+
+
+@pytest.mark.parametrize(("value", "words"), [("1001", "at most 1000"), ("0", "at least 1")])
+def test_drain_batch_out_of_range_is_refused(base_env, value, words):
+    message = _refusal(base_env, OUTBOX_DRAIN_BATCH=value)
+    assert "OUTBOX_DRAIN_BATCH" in message
+    assert words in message

@@ -74,7 +74,6 @@ def account_set(
     """
     from worker.intake import InvalidRequest
     from worker.store.accounts import AccountChanges, save_account
-    from worker.store.messages import due_of_account
 
     password = None
     if password_stdin:
@@ -111,15 +110,11 @@ def account_set(
                 default_max_connections=ctx.settings.default_max_connections,
                 now=now,
             )
-            due = due_of_account(session, saved.account_id, now=now) if saved.smtp_changed else []
     except InvalidRequest as exc:
         fail(str(exc), as_json=as_json)
-    woken = 0
-    if due:
-        wake = ctx.waker()
-        for mid in due:
-            wake(mid)
-            woken += 1
+    woken = saved.pending if saved.smtp_changed else 0
+    if woken:
+        ctx.wakeups().mail_due(saved.account_id)
     result = {
         "account": name,
         "created": saved.created,

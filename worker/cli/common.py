@@ -71,10 +71,17 @@ class Context:
                 code=EXIT_REFUSED,
             )
 
-    def waker(self) -> Any:
-        from worker.client import broker_waker
+    def wakeups(self) -> Any:
+        """Coalesced drain wake-ups, published by name to the configured broker."""
+        from worker.client import broker_publisher
+        from worker.wakeups import Wakeups
 
-        return broker_waker(self.settings.broker_url)
+        return Wakeups(
+            self.db,
+            broker_publisher(self.settings.broker_url),
+            grace_s=self.settings.wake_grace_s,
+            countdown_max_s=self.settings.countdown_max_s,
+        )
 
 
 pass_ctx = click.make_pass_decorator(Context, ensure=True)

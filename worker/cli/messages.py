@@ -40,6 +40,15 @@ VERDICTS = ["retry", "account", "recipient", "message"]
 @click.option("--attach", multiple=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--header", "headers", multiple=True, help="'Name: value' (repeatable).")
 @click.option("--idempotency-key")
+@click.option(
+    "--priority",
+    type=click.Choice(["high", "normal", "bulk"]),
+    help="Order within the account's mail: high goes first (default normal).",
+)
+@click.option(
+    "--send-at",
+    help="Not before this ISO 8601 time with a zone, e.g. 2026-12-24T09:00:00+01:00.",
+)
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
 def send(
@@ -57,12 +66,14 @@ def send(
     attach: tuple[str, ...],
     headers: tuple[str, ...],
     idempotency_key: str | None,
+    priority: str | None,
+    send_at: str | None,
     as_json: bool,
 ) -> None:
     """Accept one email and schedule its delivery; prints its id."""
     import mimetypes
 
-    from worker.client import Outbox
+    from worker.client import IntakeClient, limits_from
     from worker.intake import InvalidRequest
 
     if text is not None and text_file is not None:
@@ -104,11 +115,18 @@ def send(
         "headers": header_pairs,
         "attachments": attachments,
         "idempotency_key": idempotency_key,
+        "priority": priority,
+        "send_at": send_at,
     }
     if from_addr:
         fields["from_addr"] = from_addr
     ctx.ensure_schema()
-    client = Outbox.from_settings(ctx.settings, wake=ctx.waker())
+    client = IntakeClient(
+        ctx.db,
+        limits=limits_from(ctx.settings),
+        window_s=ctx.settings.retry_window_s,
+        wakeups=ctx.wakeups(),
+    )
     try:
         accepted = client.enqueue(**fields)
     except InvalidRequest as exc:
@@ -258,14 +276,14 @@ def _select_targets(
         raise click.UsageError("give message ids or --account NAME")
     if ids:
         return list(ids)
-    from worker.operator import select_ids
     from worker.store.accounts import get_account
+    from worker.store.actions import message_ids_of
 
     with ctx.db.session() as session:
         acct = get_account(session, account or "")
         if acct is None:
             fail(f"no account named {account!r}")
-        return select_ids(session, account_id=acct.id, statuses=statuses)
+        return message_ids_of(session, account_id=acct.id, statuses=statuses)
 
 
 def _confirm_bulk(targets: list[int], verb: str, yes: bool, dry_run: bool, as_json: bool) -> bool:
@@ -292,10 +310,7 @@ def _run_in_batches(targets: list[int], action, label: str, as_json: bool):  # t
         task = bar.add_task(label, total=len(targets))
         for start in range(0, len(targets), 500):
             chunk = targets[start : start + 500]
-            report = action(chunk)
-            total.done += report.done
-            total.woken += report.woken
-            total.refused.update(report.refused)
+            total.merge(action(chunk))
             bar.advance(task, len(chunk))
     return total
 
@@ -339,13 +354,9 @@ def retry(
     targets = _select_targets(ctx, ids, account, (status or "pending",))
     if account and not _confirm_bulk(targets, "retry", yes, dry_run, as_json):
         return
-    operator = Operator(
-        ctx.db, window_s=ctx.settings.retry_window_s, wake_grace_s=ctx.settings.wake_grace_s
-    )
+    operator = Operator(ctx.db, window_s=ctx.settings.retry_window_s)
     report = _run_in_batches(targets, operator.retry, "retrying", as_json)
-    wake = ctx.waker()
-    for mid in report.woken:
-        wake(mid)
+    ctx.wakeups().accounts_due((account_id, None) for account_id in report.accounts)
     _print_report(report, "retrying now", as_json)
 
 
@@ -365,9 +376,7 @@ def cancel(
     targets = _select_targets(ctx, ids, account, ("pending",))
     if account and not _confirm_bulk(targets, "cancel", yes, dry_run, as_json):
         return
-    operator = Operator(
-        ctx.db, window_s=ctx.settings.retry_window_s, wake_grace_s=ctx.settings.wake_grace_s
-    )
+    operator = Operator(ctx.db, window_s=ctx.settings.retry_window_s)
     report = _run_in_batches(targets, operator.cancel, "cancelling", as_json)
     _print_report(report, "cancelled", as_json)
 

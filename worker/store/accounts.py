@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, bindparam, delete, func, select
+from sqlalchemy import Row, bindparam, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from worker.crypto import SecretBox
@@ -201,8 +201,6 @@ def save_account(
 
 def wake_account(session: Session, account_id: int, *, now: datetime) -> int:
     """Make every pending message of the account due now; returns how many."""
-    from sqlalchemy import update
-
     result = session.execute(
         update(MessageRow)
         .where(
@@ -213,6 +211,17 @@ def wake_account(session: Session, account_id: int, *, now: datetime) -> int:
         .execution_options(synchronize_session=False)
     )
     return changed_rows(result)
+
+
+def pause(session: Session, account_id: int, *, until: datetime | None, level: int) -> None:
+    """No new SMTP session for the account before `until` (None: resume now); `level`
+    counts the slow-downs in a row (the next pause doubles with it)."""
+    session.execute(
+        update(Account)
+        .where(Account.id == account_id)
+        .values(throttle_until=until, throttle_level=level)
+        .execution_options(synchronize_session=False)
+    )
 
 
 def _resize_slots(session: Session, account: Account) -> None:

@@ -7,18 +7,22 @@ use (in the worker: when they sat idle), so a restarted server costs one reconne
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from sqlalchemy import CursorResult, Engine, Result, create_engine, event, exc
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from worker.store.models import Base
+
+if TYPE_CHECKING:
+    from worker.store.sending import AttemptWriter
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -114,6 +118,13 @@ class Database:
     @property
     def dialect(self) -> str:
         return self.engine.dialect.name
+
+    @functools.cached_property
+    def attempts(self) -> AttemptWriter:
+        """How this database records an attempt: chosen once, by dialect (store.sending)."""
+        from worker.store.sending import attempt_writer_for
+
+        return attempt_writer_for(self.dialect)
 
     @contextmanager
     def session(self, *, single_statement: bool = False) -> Iterator[Session]:

@@ -1,56 +1,35 @@
-"""Messages in the database: accept once, claim for one sender, record each attempt.
+"""Messages in the database: claim for one sender, record each attempt.
 
-The claim is a compare-and-set UPDATE (still pending, no live lease, due): of two
-deliveries of the same wake-up, exactly one gets the row; the other is a no-op. No
-transaction stays open while a message is on the wire.
+A claim is a compare-and-set UPDATE (still pending, no live lease, due): of two senders
+reaching for the same message, exactly one gets the row; the other is a no-op. No
+transaction stays open while a message is on the wire. (Accepting mail: store.accept;
+an account's batch claim: store.drains.)
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, bindparam, func, insert, or_, select, text, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import bindparam, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
-from worker.intake import EmailRequest, FieldError, InvalidRequest, deadline_for, new_message_id
 from worker.message import Attachment, OutgoingEmail
 from worker.store.db import changed_rows
-from worker.store.models import (
-    Account,
-    AttachmentRow,
-    Attempt,
-    MessageStatus,
-    table,
-)
+from worker.store.models import AttachmentRow, Attempt, MessageStatus, table
 from worker.store.models import Message as MessageRow
 
-
-@dataclass(frozen=True)
-class Accepted:
-    id: int
-    created: bool  #: False when the idempotency key matched an earlier request
-
-
-_ACCOUNTS = table(Account)
 _MESSAGES = table(MessageRow)
 _ATTEMPTS = table(Attempt)
 _ATTACHMENTS = table(AttachmentRow)
 
-# The statements of intake, claim and record are built once, on the Core tables, with
-# named parameters: building one per call, or letting the ORM plan a flush, cost more CPU
-# than the round trip itself (bench/profile_deliver.py); and a value written into a
-# statement (a dict for a JSON column) even defeats SQLAlchemy's compiled-statement cache.
+# The statements of claim and record are built once, on the Core tables, with named
+# parameters: building one per call, or letting the ORM plan a flush, costs more CPU than
+# the round trip itself; and a value written into a statement (a dict for a JSON column)
+# even defeats SQLAlchemy's compiled-statement cache.
 
-_ACCOUNT_BY_NAME = select(_ACCOUNTS.c.id, _ACCOUNTS.c.name, _ACCOUNTS.c.from_addr).where(
-    _ACCOUNTS.c.name == bindparam("p_name")
-)
-_MESSAGE_BY_KEY = select(_MESSAGES.c.id).where(
-    _MESSAGES.c.account_id == bindparam("p_account_id"),
-    _MESSAGES.c.idempotency_key == bindparam("p_key"),
-)
 #: The columns that hold the email itself (what `outgoing_email` reads).
 EMAIL_COLUMNS = (
     "message_id_header",
@@ -64,122 +43,6 @@ EMAIL_COLUMNS = (
     "html_body",
     "headers",
 )
-_NEW_MESSAGE_FIELDS = (
-    "account_id",
-    "idempotency_key",
-    *EMAIL_COLUMNS,
-    "attachment_count",
-    "size_bytes",
-    "status",
-    "created_at",
-    "updated_at",
-    "deadline",
-    "next_attempt_at",
-    "due_at",
-    "attempt_count",
-    "delivered_to",
-)
-_INSERT_MESSAGE = (
-    insert(_MESSAGES)
-    .values({name: bindparam(name, type_=_MESSAGES.c[name].type) for name in _NEW_MESSAGE_FIELDS})
-    .returning(_MESSAGES.c.id)
-)
-_INSERT_ATTACHMENT = insert(_ATTACHMENTS)
-
-
-def accept(
-    session: Session,
-    request: EmailRequest,
-    *,
-    now: datetime,
-    window_s: float,
-    wake_grace_s: float,
-) -> Accepted:
-    """Store a validated request (or find its twin by idempotency key).
-
-    The caller wakes the worker after commit; if that wake-up is lost, the sweeper
-    finds the message once `due_at` (now + grace) has passed.
-    """
-    conn = session.connection()
-    account = conn.execute(_ACCOUNT_BY_NAME, {"p_name": request.account}).first()
-    if account is None:
-        raise InvalidRequest([FieldError("account", f"no account named {request.account!r}")])
-    if request.idempotency_key is not None:
-        existing = _by_key(session, account.id, request.idempotency_key)
-        if existing is not None:
-            return Accepted(existing, created=False)
-    from_addr = request.from_addr or account.from_addr
-    if not from_addr:
-        raise InvalidRequest(
-            [FieldError("from_addr", f"is required: account {account.name!r} has no default From")]
-        )
-    row = {
-        "account_id": account.id,
-        "idempotency_key": request.idempotency_key,
-        "message_id_header": new_message_id(from_addr, now=now),
-        "from_addr": from_addr,
-        "reply_to": request.reply_to,
-        "to_addrs": list(request.to),
-        "cc_addrs": list(request.cc),
-        "bcc_addrs": list(request.bcc),
-        "subject": request.subject,
-        "text_body": request.text,
-        "html_body": request.html,
-        "headers": [list(h) for h in request.headers],
-        "attachment_count": len(request.attachments),
-        "size_bytes": request.size_bytes,
-        "status": MessageStatus.PENDING.value,
-        "created_at": now,
-        "updated_at": now,
-        "deadline": deadline_for(now, window_s),
-        "next_attempt_at": now,
-        "due_at": now + timedelta(seconds=wake_grace_s),
-        "attempt_count": 0,
-        "delivered_to": {},
-    }
-    if request.idempotency_key is None:
-        # No key, no twin to find: an IntegrityError could only be re-raised anyway, so
-        # the savepoint (two round trips) buys nothing.
-        return Accepted(_insert(session, row, request), created=True)
-    try:
-        # A savepoint, so a concurrent twin with the same key costs a re-read, not the
-        # caller's whole transaction.
-        with session.begin_nested():
-            message_id = _insert(session, row, request)
-    except IntegrityError:
-        existing = _by_key(session, account.id, request.idempotency_key)
-        if existing is None:
-            raise
-        return Accepted(existing, created=False)
-    return Accepted(message_id, created=True)
-
-
-def _insert(session: Session, row: dict[str, Any], request: EmailRequest) -> int:
-    conn = session.connection()
-    message_id = int(conn.execute(_INSERT_MESSAGE, row).scalar_one())
-    if request.attachments:
-        conn.execute(
-            _INSERT_ATTACHMENT,
-            [
-                {
-                    "message_id": message_id,
-                    "position": i,
-                    "filename": a.filename,
-                    "content_type": a.content_type,
-                    "data": a.data,
-                }
-                for i, a in enumerate(request.attachments)
-            ],
-        )
-    return message_id
-
-
-def _by_key(session: Session, account_id: int, key: str) -> int | None:
-    return (
-        session.connection()
-        .execute(_MESSAGE_BY_KEY, {"p_account_id": account_id, "p_key": key})
-        .scalar()
-    )
 
 
 @dataclass(frozen=True)
@@ -219,6 +82,21 @@ class NotClaimed:
 #: between hosts.
 EARLY_TOLERANCE_S = 1.0
 
+#: What a claim returns: everything a sender needs of the message.
+CLAIM_RETURNING = tuple(
+    _MESSAGES.c[name]
+    for name in (
+        "id",
+        "account_id",
+        "attempt_count",
+        "deadline",
+        "created_at",
+        "delivered_to",
+        "attachment_count",
+        *EMAIL_COLUMNS,
+    )
+)
+
 #: The compare-and-set claim (parameters p_id, p_now, p_due_by, p_lease_until, p_token);
 #: also the first part of store.sending's one-statement claim.
 CLAIM = (
@@ -238,27 +116,18 @@ CLAIM = (
         updated_at=bindparam("p_now"),
     )
     # What a sender needs comes back with the claim: one round trip, not UPDATE + SELECT.
-    .returning(
-        *(
-            _MESSAGES.c[name]
-            for name in (
-                "id",
-                "account_id",
-                "attempt_count",
-                "deadline",
-                "created_at",
-                "delivered_to",
-                "attachment_count",
-                *EMAIL_COLUMNS,
-            )
-        )
-    )
+    .returning(*CLAIM_RETURNING)
 )
 
 _ATTACHMENTS_OF = (
-    select(_ATTACHMENTS.c.filename, _ATTACHMENTS.c.content_type, _ATTACHMENTS.c.data)
-    .where(_ATTACHMENTS.c.message_id == bindparam("p_id"))
-    .order_by(_ATTACHMENTS.c.position)
+    select(
+        _ATTACHMENTS.c.message_id,
+        _ATTACHMENTS.c.filename,
+        _ATTACHMENTS.c.content_type,
+        _ATTACHMENTS.c.data,
+    )
+    .where(_ATTACHMENTS.c.message_id.in_(bindparam("p_ids", expanding=True)))
+    .order_by(_ATTACHMENTS.c.message_id, _ATTACHMENTS.c.position)
 )
 
 _WHY_NOT = select(_MESSAGES.c.status, _MESSAGES.c.lease_until, _MESSAGES.c.next_attempt_at).where(
@@ -387,12 +256,30 @@ def claim(
 
 def claimed_from_row(session: Session, row: Any, *, token: str, lease_until: datetime) -> Claimed:
     """What a sender needs, from the row the claim returned (attachments read if any)."""
-    attachments: tuple[Attachment, ...] = ()
-    if row.attachment_count:
-        attachments = tuple(
-            Attachment(filename=a.filename, content_type=a.content_type, data=a.data)
-            for a in session.connection().execute(_ATTACHMENTS_OF, {"p_id": row.id})
-        )
+    return claimed_from_rows(session, [row], token=token, lease_until=lease_until)[0]
+
+
+def claimed_from_rows(
+    session: Session, rows: Sequence[Any], *, token: str, lease_until: datetime
+) -> list[Claimed]:
+    """`Claimed` messages from the rows a claim returned, in their order; the attachments
+    of all of them read in one query (none when none has any)."""
+    with_files = [row.id for row in rows if row.attachment_count]
+    files: dict[int, list[Attachment]] = {}
+    if with_files:
+        for a in session.connection().execute(_ATTACHMENTS_OF, {"p_ids": with_files}):
+            files.setdefault(a.message_id, []).append(
+                Attachment(filename=a.filename, content_type=a.content_type, data=a.data)
+            )
+    return [
+        _claimed(row, tuple(files.get(row.id, ())), token=token, lease_until=lease_until)
+        for row in rows
+    ]
+
+
+def _claimed(
+    row: Any, attachments: tuple[Attachment, ...], *, token: str, lease_until: datetime
+) -> Claimed:
     email = outgoing_email(row, attachments)
     done = dict(row.delivered_to or {})
     return Claimed(
@@ -547,22 +434,28 @@ def attempt_params(claimed: Claimed, attempt: AttemptRecord) -> dict[str, Any]:
     }
 
 
-def due_of_account(
-    session: Session, account_id: int, *, now: datetime, limit: int = 10_000
-) -> list[int]:
-    """Pending messages of the account that may be tried now (and nobody holds)."""
-    return list(
-        session.scalars(
-            select(MessageRow.id)
-            .where(
-                and_(
-                    MessageRow.account_id == account_id,
-                    MessageRow.status == MessageStatus.PENDING.value,
-                    MessageRow.next_attempt_at <= now,
-                    or_(MessageRow.lease_until.is_(None), MessageRow.lease_until < now),
-                )
-            )
-            .order_by(MessageRow.id)
-            .limit(limit)
-        )
+_SETTLE = (
+    update(_MESSAGES)
+    .where(_MESSAGES.c.id == bindparam("p_id"), _MESSAGES.c.lease_token == bindparam("p_token"))
+    .values(
+        status=bindparam("p_status"),
+        finished_at=bindparam("p_now"),
+        updated_at=bindparam("p_now"),
+        lease_until=None,
+        lease_token=None,
+        attempt_count=_MESSAGES.c.attempt_count - 1,
     )
+)
+
+
+def settle_without_sending(session: Session, claimed: Claimed, *, now: datetime) -> str:
+    """Every recipient was settled by earlier attempts and only the status lagged: end the
+    message (sent if anyone got it, else failed) without counting an attempt."""
+    from worker.decide import is_sent
+
+    any_sent = any(is_sent(v) for v in claimed.delivered_to.values())
+    status = MessageStatus.SENT.value if any_sent else MessageStatus.FAILED.value
+    session.connection().execute(
+        _SETTLE, {"p_id": claimed.id, "p_token": claimed.token, "p_status": status, "p_now": now}
+    )
+    return status

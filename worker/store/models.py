@@ -7,18 +7,20 @@ time here is timezone-aware UTC (`UTCDateTime` keeps it so on SQLite too).
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from enum import StrEnum
+from enum import IntEnum, StrEnum
 from typing import Any, cast
 
 from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    CheckConstraint,
     DateTime,
     ForeignKey,
     Index,
     Integer,
     LargeBinary,
+    SmallInteger,
     String,
     Table,
     Text,
@@ -70,6 +72,26 @@ class TlsMode(StrEnum):
     NONE = "none"  #: no encryption: loopback or explicit opt-in only
 
 
+class Priority(IntEnum):
+    """Order within an account's queue: lower goes first.
+
+    Stored as its number, not its name, because the drain's claim orders by it through an
+    index (`ix_messages_account_queue`); callers and operators only ever see the names.
+    """
+
+    HIGH = 0  #: password resets, sign-in codes: ahead of everything else of the account
+    NORMAL = 1  #: the default
+    BULK = 2  #: newsletters and campaigns: after the account's other mail
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+    @classmethod
+    def from_label(cls, label: str) -> Priority:
+        return cls[label.upper()]
+
+
 class AttemptOutcome(StrEnum):
     SENT = "sent"  #: delivered (possibly with some recipients refused)
     DEFERRED = "deferred"  #: transient failure; will be retried
@@ -118,6 +140,13 @@ class Account(Base):
     throttle_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
     #: Consecutive slow-down requests; the pause doubles with each, and resets on success.
     throttle_level: Mapped[int] = mapped_column(Integer, default=0)
+    #: A drain of this account will start soon: a wake-up was published and not yet taken,
+    #: or every connection slot was busy and a running drain will look again when it ends.
+    #: Intake publishes a wake-up only when this is empty or stale (worker.store.drains).
+    drain_queued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: A wake-up is scheduled on the broker (a countdown) for this time: the account's
+    #: earliest retry or scheduled send; later intake for that time needs no second one.
+    drain_timer_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now, onupdate=_now)
 
@@ -135,6 +164,31 @@ class Message(Base):
         ),
         Index("ix_messages_account_status", "account_id", "status"),
         Index("ix_messages_created_at", "created_at"),
+        # The drain's claim: an account's pending mail in send order.
+        Index(
+            "ix_messages_account_queue",
+            "account_id",
+            "priority",
+            "next_attempt_at",
+            postgresql_where=text("status = 'pending'"),
+            sqlite_where=text("status = 'pending'"),
+        ),
+        # "Has the account mail due now, and when is its next?" (sweeper, end of a drain).
+        Index(
+            "ix_messages_account_next",
+            "account_id",
+            "next_attempt_at",
+            postgresql_where=text("status = 'pending'"),
+            sqlite_where=text("status = 'pending'"),
+        ),
+        # The lease keeper renews, and a drain gives back, the messages of one lease.
+        Index(
+            "ix_messages_lease_token",
+            "lease_token",
+            postgresql_where=text("lease_token IS NOT NULL"),
+            sqlite_where=text("lease_token IS NOT NULL"),
+        ),
+        CheckConstraint("priority BETWEEN 0 AND 2", name="ck_messages_priority"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
@@ -156,16 +210,22 @@ class Message(Base):
     size_bytes: Mapped[int] = mapped_column(Integer, default=0)
 
     status: Mapped[str] = mapped_column(String(16), default=MessageStatus.PENDING.value)
+    #: `Priority` as its number (see there why).
+    priority: Mapped[int] = mapped_column(SmallInteger, default=Priority.NORMAL.value)
+    #: The caller's "not before" time, if any (the window starts then); shown to people.
+    send_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     sent_via: Mapped[str | None] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
-    #: created_at + the retry window: past it, the backup provider takes over.
+    #: The first moment SMTP may be tried (created_at, or send_at) + the retry window:
+    #: past it, the backup provider takes over.
     deadline: Mapped[datetime] = mapped_column(UTCDateTime)
     #: The earliest moment the next attempt may run (what people are shown).
     next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime)
-    #: When the sweeper should look at this message if nothing else has: the next
-    #: attempt time for waits parked in the database, a grace period after a wake-up
-    #: was sent (in case it is lost), or the end of a lease (in case the worker died).
+    #: When the sweeper must look at this message itself if nothing else has: the end of
+    #: its lease (the worker may have died), its deadline (the backup's turn), or a grace
+    #: period after a backup hand-off was published. Its account's drains wake up without
+    #: it: they follow `next_attempt_at` (worker.store.drains).
     due_at: Mapped[datetime] = mapped_column(UTCDateTime)
     lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
     lease_token: Mapped[str | None] = mapped_column(String(64))
