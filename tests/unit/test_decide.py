@@ -7,7 +7,18 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from worker.decide import Decision, RetryPolicy, SmtpAttempt, decide_after_smtp, is_throttle
+from worker.decide import (
+    Decision,
+    DrainPlan,
+    RetryPolicy,
+    SmtpAttempt,
+    broker_countdown,
+    decide_after_smtp,
+    is_throttle,
+    plan_after_drain,
+    stops_the_batch,
+    throttle_pause_s,
+)
 from worker.replies import (
     ConnectionFailure,
     Reply,
@@ -242,3 +253,82 @@ def test_connection_refused_is_an_account_problem():
     assert decision.account_problem is True
     assert decision.reached_server is False
     assert decision.settled == {}
+
+
+# -- waits, pauses and drains ------------------------------------------------------------
+
+
+T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("wait_s", "expected"), [(-5.0, 0.0), (0.0, 0.0), (30.0, 30.0), (60.0, 60.0), (60.1, None)]
+)
+def test_a_wait_rides_on_the_broker_up_to_the_countdown_limit_else_it_is_parked(wait_s, expected):
+    assert broker_countdown(wait_s, countdown_max_s=60.0) == expected
+
+
+@pytest.mark.parametrize(
+    ("level", "full_s"), [(0, 10.0), (1, 10.0), (2, 20.0), (3, 40.0), (9, 60.0)]
+)
+def test_throttle_pauses_double_per_repeat_up_to_the_cap(level, full_s):
+    assert throttle_pause_s(level=level, base_s=10.0, max_s=60.0, rng=lambda: 1.0) == full_s
+    assert throttle_pause_s(level=level, base_s=10.0, max_s=60.0, rng=lambda: 0.0) == full_s / 2
+
+
+def test_a_throttle_cap_below_the_base_is_no_shorter_than_the_base():
+    assert throttle_pause_s(level=5, base_s=30.0, max_s=10.0, rng=lambda: 1.0) == 30.0
+
+
+@pytest.mark.parametrize(
+    ("reply", "stops"),
+    [
+        (GREYLISTED, False),  # this recipient's problem: the next mail may go through
+        (NO_SUCH_USER, False),
+        (TOO_BIG, False),
+        (BAD_LOGIN, True),  # the account's setup: every mail would fail the same way
+        (TOO_MANY_CONNECTIONS, True),  # the relay asks us to slow down
+        (connection_reply(ConnectionFailure.REFUSED, "Connection refused"), True),
+    ],
+    ids=["greylisted", "unknown-user", "too-big", "bad-login", "421", "refused"],
+)
+def test_only_the_accounts_own_problems_stop_the_batch(reply, stops):
+    refused = {CAROL: reply} if reply.stage == Stage.RCPT else None
+    decision = _decide(recipients=(CAROL,), reply=reply, refused=refused)
+    assert stops_the_batch(decision) is stops
+
+
+def _plan(**changes) -> DrainPlan:
+    args = {
+        "due_now": 0,
+        "free_slots": 2,
+        "batch_size": 50,
+        "next_due_at": None,
+        "paused_until": None,
+        "now": T0,
+        "countdown_max_s": 60.0,
+    }
+    args.update(changes)
+    return plan_after_drain(**args)
+
+
+def test_a_backlog_gets_one_continuation_per_batch_up_to_the_free_slots():
+    assert _plan(due_now=1) == DrainPlan(continuations=1, timer_at=None)
+    assert _plan(due_now=51) == DrainPlan(continuations=2, timer_at=None)
+    assert _plan(due_now=5000) == DrainPlan(continuations=2, timer_at=None)
+    assert _plan(due_now=5000, free_slots=0) == DrainPlan(continuations=0, timer_at=None)
+
+
+def test_mail_due_soon_gets_a_timer_and_mail_due_later_is_left_to_the_sweeper():
+    soon = T0 + timedelta(seconds=20)
+    assert _plan(next_due_at=soon) == DrainPlan(continuations=0, timer_at=soon)
+    assert _plan(next_due_at=T0 + timedelta(minutes=10)) == DrainPlan(0, None)
+    assert _plan() == DrainPlan(0, None)
+
+
+def test_a_paused_account_gets_no_continuation_only_a_timer_for_the_pause_end():
+    end = T0 + timedelta(seconds=30)
+    assert _plan(due_now=500, paused_until=end) == DrainPlan(continuations=0, timer_at=end)
+    assert _plan(due_now=500, paused_until=T0 + timedelta(hours=1)) == DrainPlan(0, None)
+    # A pause that is over is no pause.
+    assert _plan(due_now=10, paused_until=T0 - timedelta(seconds=1)) == DrainPlan(1, None)
