@@ -259,7 +259,7 @@ class DeliveryEngine:
         finally:
             self.keeper.release(lease)
             self.pool.close(smtp_key(account))
-            self._end(account, holder, token, outcome)
+            self._end(account, holder, token, outcome, keep=lease.in_doubt)
         return outcome
 
     def deliver(self, message_id: int) -> DrainOutcome | None:
@@ -337,12 +337,19 @@ class DeliveryEngine:
         return max(1, min(left, fits))
 
     def _end(
-        self, account: drains.DrainAccount, holder: str, token: str, out: DrainOutcome
+        self,
+        account: drains.DrainAccount,
+        holder: str,
+        token: str,
+        out: DrainOutcome,
+        *,
+        keep: int | None,
     ) -> None:
-        """Give back what was not sent and the slot; decide and note what follows."""
+        """Give back what was not sent and the slot; decide and note what follows.
+        `keep`: a message sent but not recorded stays leased (see `Lease.in_doubt`)."""
         try:
             self.db.run(
-                lambda session: self._plan_next(session, account, holder, token, out),
+                lambda session: self._plan_next(session, account, holder, token, out, keep),
                 give_up_after_s=self.config.lease_s / 2,
             )
         except Exception:
@@ -356,6 +363,7 @@ class DeliveryEngine:
         holder: str,
         token: str,
         out: DrainOutcome,
+        keep: int | None,
     ) -> None:
         now = self.clock()
         account_id = account.id
@@ -367,6 +375,7 @@ class DeliveryEngine:
             now=now,
             count_up_to=self.config.batch_size * account.max_connections,
             early_tolerance_s=self.config.early_tolerance_s,
+            keep=keep,
         )
         if queue is None:
             return
@@ -419,6 +428,7 @@ class DeliveryEngine:
             return
         email = claimed.email
         data = compose(email).as_bytes()
+        lease.in_doubt = claimed.id  # from here on the server may hold the mail
         result = self.pool.send(
             smtp_account, envelope_address(email.from_addr), claimed.recipients, data
         )
@@ -438,8 +448,10 @@ class DeliveryEngine:
             rng=self.rng,
         )
         # The mail may have gone out: losing this record would send it again, so a
-        # database restart here is waited out for as long as the lease allows.
-        give_up_after_s = max(1.0, lease.seconds_left(self.clock()) - 2.0)
+        # database restart here is waited out, at least one whole lease. Waiting past the
+        # lease is safe: the record only lands while the message still carries our lease
+        # token, and until the sweeper takes it back nobody else can send it.
+        give_up_after_s = max(self.config.lease_s, lease.seconds_left(self.clock()) - 2.0)
         if self._touches_account(decision, state):
             action, owned, notices = self.db.run(
                 lambda session: self._record_with_account(
@@ -455,6 +467,7 @@ class DeliveryEngine:
             owned = self.db.attempts.record(
                 self.db, claimed, attempt, update_, now=finished, give_up_after_s=give_up_after_s
             )
+        lease.in_doubt = None
         if action is Action.SENT:
             out.sent += 1
         elif action is Action.FAILED:

@@ -40,6 +40,10 @@ class Lease:
     held: set[int] | None = None
     #: The sweeper took the connection slot back (the lease ran out once).
     slot_lost: bool = False
+    #: The message whose send is done but not recorded yet: the server may have its 250.
+    #: If the drain fails here, this one is not given back: it stays leased until the
+    #: sweeper records it as interrupted (the one duplicate window), never resent at once.
+    in_doubt: int | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def may_send(self, message_id: int, *, now: datetime, margin_s: float) -> bool:

@@ -79,7 +79,7 @@ def _claim(store: Database, account_id: int, token: str, limit: int = 50, now=No
         )
 
 
-def _end(store: Database, account_id: int, holder: str, token: str, now=None):
+def _end(store: Database, account_id: int, holder: str, token: str, now=None, keep=None):
     with store.session() as session:
         return drains.end_drain(
             session,
@@ -89,6 +89,7 @@ def _end(store: Database, account_id: int, holder: str, token: str, now=None):
             now=now or utcnow(),
             count_up_to=1000,
             early_tolerance_s=TOLERANCE_S,
+            keep=keep,
         )
 
 
@@ -208,6 +209,21 @@ def test_what_a_drain_did_not_send_goes_back_uncounted_and_the_queue_is_read(sto
         assert all(rows[m].lease_token is None for m in ids)
         assert rows[later[0]].attempt_count == 0
         assert not [h for h in session.scalars(select(SmtpSlot.holder)) if h]
+
+
+def test_a_drain_that_failed_to_record_keeps_that_message_leased_for_the_sweeper(store, box):
+    """The server may hold that one (its record failed): resending it at once would be a
+    second copy for sure; it waits for its lease to end and the sweeper's judgement."""
+    account_id = _account(store, box)
+    ids = _enqueue(store, 3)
+    assert _begin(store, account_id, "w:1") is not None
+    batch = _claim(store, account_id, "t1")
+    queue = _end(store, account_id, "w:1", "t1", keep=batch[0].id)
+    assert queue is not None and queue.due_now == 2
+    with store.session() as session:
+        rows = {m.id: m for m in session.scalars(select(Message))}
+    assert rows[ids[0]].lease_token == "t1" and rows[ids[0]].attempt_count == 1
+    assert [rows[m].lease_token for m in ids[1:]] == [None, None]
 
 
 def test_a_send_that_outlived_its_lease_is_still_recorded_as_sent(store, box):

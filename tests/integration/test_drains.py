@@ -3,6 +3,7 @@ between tenants, priorities and `send_at` within an account, and `outbox.enqueue
 
 from __future__ import annotations
 
+import json
 import re
 import statistics
 import time
@@ -13,7 +14,7 @@ from celery import Celery
 from sqlalchemy import select
 
 from tests.support.bulk import count_by_status, wait_until_finished
-from tests.support.outbox import make_account, message, wait_for_status
+from tests.support.outbox import cli, make_account, message, wait_for_status
 from tests.support.services import wait_until
 from tests.support.smtpd import ScriptedSMTPServer
 from worker.clock import utcnow
@@ -206,3 +207,32 @@ def test_enqueue_many_through_the_python_door(env, db, box, plain_smtp_server, s
     wait_until_finished(db, expected=300, timeout=60)
     assert count_by_status(db) == {"sent": 300}
     assert len(plain_smtp_server.messages) == 300
+
+
+def test_outbox_send_takes_priority_and_send_at_and_show_and_list_display_them(env, db, box):
+    make_account(db, box, "acme", port=2525, tls_mode="none")
+    later = (utcnow() + timedelta(hours=2)).replace(microsecond=0)
+    base = ["send", "--account", "acme", "--to", "bob@example.com", "--subject", "Later"]
+    sent = cli(
+        env, *base, "--text", "x", "--priority", "bulk", "--send-at", later.isoformat(), "--json"
+    )
+    assert sent.returncode == 0, sent.stderr
+    mid = json.loads(sent.stdout)["id"]
+
+    shown = cli(env, "show", str(mid))
+    assert re.search(r"priority\s+bulk", shown.stdout), shown.stdout
+    assert f"{later:%Y-%m-%d %H:%M:%S} UTC" in shown.stdout
+    story = json.loads(cli(env, "show", str(mid), "--json").stdout)
+    assert story["priority"] == "bulk"
+    assert story["send_at"].startswith(f"{later:%Y-%m-%dT%H:%M:%S}")
+    listed = cli(env, "list", "--json")
+    assert [(r["id"], r["priority"]) for r in json.loads(listed.stdout)] == [(mid, "bulk")]
+    env.values["COLUMNS"] = "160"  # the 80-column layout is another test's subject
+    assert "pending (bulk)" in cli(env, "list").stdout
+
+    naive = cli(env, *base, "--text", "x", "--send-at", "2030-01-01T09:00:00", "--json")
+    assert naive.returncode == 1
+    assert [f["field"] for f in json.loads(naive.stdout)["fields"]] == ["send_at"]
+    far = cli(env, *base, "--text", "x", "--send-at", "2099-01-01T09:00:00Z")
+    assert far.returncode == 1 and "send_at" in far.stderr and "30 days" in far.stderr
+    assert sum(count_by_status(db).values()) == 1

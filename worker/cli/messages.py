@@ -172,8 +172,19 @@ def show(ctx: Context, message_id: int, as_json: bool) -> None:
             "created",
             f"{story['created_at']:%Y-%m-%d %H:%M:%S} UTC ({ago(story['created_at'], now)})",
         ),
-        ("deadline", f"{story['deadline']:%Y-%m-%d %H:%M:%S} UTC ({ago(story['deadline'], now)})"),
+        ("priority", story["priority"]),
     ]
+    if story["send_at"]:
+        rows.append(("send at", f"{story['send_at']:%Y-%m-%d %H:%M:%S} UTC"))
+    if story["status"] == "pending":  # a finished mail has no deadline left to count down
+        rows.append(
+            (
+                "deadline",
+                f"{story['deadline']:%Y-%m-%d %H:%M:%S} UTC ({ago(story['deadline'], now)})",
+            )
+        )
+    elif story["finished_at"]:
+        rows.append(("finished", f"{story['finished_at']:%Y-%m-%d %H:%M:%S} UTC"))
     if story["next_attempt_at"]:
         rows.append(("next attempt", ago(story["next_attempt_at"], now)))
     rows.append(("attempts", story["attempt_count"]))
@@ -254,7 +265,9 @@ def list_(
             [
                 r["id"],
                 r["account"],
-                r["status"] + (" (backup)" if r["sent_via"] == "backup" else ""),
+                r["status"]
+                + (" (backup)" if r["sent_via"] == "backup" else "")
+                + (f" ({r['priority']})" if r["priority"] != "normal" else ""),
                 ", ".join(r["to"])[:40],
                 (r["subject"] or "")[:30],
                 ago(r["created_at"], now),

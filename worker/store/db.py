@@ -168,9 +168,12 @@ class Database:
                     return work(session)
             except (OperationalError, DBAPIError) as exc:
                 retryable = isinstance(exc, OperationalError) or exc.connection_invalidated
-                delay = RECONNECT_DELAYS_S[min(tries, len(RECONNECT_DELAYS_S) - 1)]
-                if not retryable or monotonic() + delay > deadline:
+                left = deadline - monotonic()
+                if not retryable or left <= 0:
                     raise
+                # The last try is made at the deadline itself, not skipped because the
+                # next step of the backoff would overshoot it.
+                delay = min(RECONNECT_DELAYS_S[min(tries, len(RECONNECT_DELAYS_S) - 1)], left)
                 tries += 1
                 log.warning(
                     "database unavailable (%s); retrying in %.1fs", type(exc).__name__, delay

@@ -314,7 +314,11 @@ def renew_lease(
 
 _GIVE_BACK = (
     update(_MESSAGES)
-    .where(_MESSAGES.c.lease_token == bindparam("p_token"), _MESSAGES.c.status == PENDING)
+    .where(
+        _MESSAGES.c.lease_token == bindparam("p_token"),
+        _MESSAGES.c.status == PENDING,
+        _MESSAGES.c.id != bindparam("p_keep"),
+    )
     .values(
         lease_until=None,
         lease_token=None,
@@ -325,10 +329,12 @@ _GIVE_BACK = (
 )
 
 
-def give_back(session: Session, *, token: str, now: datetime) -> int:
+def give_back(session: Session, *, token: str, now: datetime, keep: int | None = None) -> int:
     """Return the messages a drain claimed but did not send, uncounting their attempt;
-    they keep their place in the queue."""
-    return changed_rows(session.connection().execute(_GIVE_BACK, {"p_token": token, "p_now": now}))
+    they keep their place in the queue. `keep`: a message that may have gone out without
+    its record; it stays leased for the sweeper to judge."""
+    params = {"p_token": token, "p_now": now, "p_keep": keep if keep is not None else 0}
+    return changed_rows(session.connection().execute(_GIVE_BACK, params))
 
 
 @dataclass(frozen=True)
@@ -383,9 +389,10 @@ def end_drain(
     now: datetime,
     count_up_to: int,
     early_tolerance_s: float,
+    keep: int | None = None,
 ) -> QueueState | None:
-    """Give back the drain's unsent mail (`give_back`) and its connection slot, then look
-    at the account's queue.
+    """Give back the drain's unsent mail (`give_back`, except `keep`) and its connection
+    slot, then look at the account's queue.
 
     In the same transaction, the caller decides what follows (`decide.plan_after_drain`)
     and writes it with `set_drain_flags`; the account's row lock held from here to the
@@ -396,7 +403,7 @@ def end_drain(
     if row is None:
         return None
     conn = session.connection()
-    give_back(session, token=token, now=now)
+    give_back(session, token=token, now=now, keep=keep)
     conn.execute(_RELEASE_SLOT, {"p_account_id": account_id, "p_holder": holder})
     params = {
         "p_account_id": account_id,

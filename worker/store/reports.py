@@ -9,7 +9,7 @@ from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
 from worker.replies import Reply, classify
-from worker.store.models import Account, Attempt, Channel, Incident, MessageStatus
+from worker.store.models import Account, Attempt, Channel, Incident, MessageStatus, Priority
 from worker.store.models import Message as MessageRow
 
 
@@ -47,6 +47,8 @@ def message_story(session: Session, message_id: int, *, now: datetime) -> dict[s
         "bcc": row.bcc_addrs,
         "subject": row.subject,
         "created_at": row.created_at,
+        "priority": Priority(row.priority).label,
+        "send_at": row.send_at,
         "deadline": row.deadline,
         "next_attempt_at": row.next_attempt_at
         if row.status == MessageStatus.PENDING.value
@@ -131,6 +133,8 @@ def list_messages(
             MessageRow.attempt_count,
             MessageRow.last_verdict,
             MessageRow.last_error,
+            MessageRow.priority,
+            MessageRow.send_at,
         )
         .join(Account, Account.id == MessageRow.account_id)
         .order_by(MessageRow.id.desc())
@@ -157,6 +161,8 @@ def list_messages(
             "attempts": r[8],
             "verdict": r[9],
             "last_error": r[10],
+            "priority": Priority(r[11]).label,
+            "send_at": r[12],
         }
         for r in session.execute(query)
     ]
