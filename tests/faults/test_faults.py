@@ -45,6 +45,7 @@ from tests.support.provider_stub import ProviderStub
 from tests.support.services import outbox_worker, wait_until
 from tests.support.smtpd import ScriptedSMTPServer
 from tests.support.tally import Verdict, judge, load_facts
+from worker.clock import utcnow
 from worker.contract import QUEUES, RETRY_QUEUE, SEND_QUEUE
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -134,10 +135,7 @@ def test_kill9_of_one_child_mid_load_loses_nothing(fenv, db, box, start_worker, 
                 timeout=60,
                 message=f"{threshold} deliveries",
             )
-            # A pool child with a connection to the server (not the embedded beat).
-            victims = pids_connected_to(server.port, worker.children())
-            assert victims, "no pool child is connected to the SMTP server"
-            kill9(victims[0])
+            kill9(_a_sending_child(server, worker))
             kills += 1
         wait_until_finished(db, expected=len(ids), timeout=120)
         verdict = judge(db, servers=[server], ids=ids)
@@ -154,6 +152,79 @@ def test_kill9_of_one_child_mid_load_loses_nothing(fenv, db, box, start_worker, 
     assert not verdict.lost and not verdict.strangers
     assert not verdict.unexplained, verdict.unexplained
     assert verdict.duplicates <= kills  # at most the one send each killed child was in
+
+
+def _a_sending_child(server: ScriptedSMTPServer, worker) -> int:
+    """A pool child with a connection to the server (not the embedded beat). A drain's
+    connection lives as long as its batch, so look until one is open."""
+    victims: list[int] = []
+
+    def found() -> bool:
+        victims[:] = pids_connected_to(server.port, worker.children())
+        return bool(victims)
+
+    wait_until(found, timeout=10, interval=0.02, message="a pool child connected to the server")
+    return victims[0]
+
+
+def _held_by_drains(db) -> set[int]:
+    """Messages some drain holds right now (claimed, not yet recorded)."""
+    with db.session() as session:
+        return set(
+            session.execute(
+                text("SELECT id FROM messages WHERE status = 'pending' AND lease_token IS NOT NULL")
+            ).scalars()
+        )
+
+
+def test_kill9_of_a_draining_child_frees_its_batch_within_the_lease(
+    fenv, db, box, start_worker, reliability
+):
+    """A drain holds a whole batch; when its process dies, the other processes deliver the
+    batch once the lease runs out (OUTBOX_LEASE 6 s here, 30 s by default) and the next
+    sweep frees it, and at most the one message on the wire is sent twice."""
+    started = time.monotonic()
+    lease_s = float(fenv.values["OUTBOX_LEASE"])
+    sweep_s = float(fenv.values["OUTBOX_SWEEP_INTERVAL"])
+    with ScriptedSMTPServer(tls="none") as server:
+        server.script.hang_after_data_s = 0.02
+        make_account(db, box, "acme", port=server.port, tls_mode="none", max_connections=2)
+        worker = start_worker(concurrency=3, beat=True)
+        ids = enqueue_many(fenv.client(db), "acme", 400)
+        wait_until(lambda: len(server.messages) >= 60, timeout=60, message="60 deliveries")
+        victim = _a_sending_child(server, worker)
+        held = _held_by_drains(db)
+        kill9(victim)
+        killed_at = utcnow()
+        wait_until_finished(db, expected=len(ids), timeout=120)
+        verdict = judge(db, servers=[server], ids=ids)
+    with db.session() as session:
+        finished = dict(
+            session.execute(
+                text("SELECT id, finished_at FROM messages WHERE id = ANY(:ids)"),
+                {"ids": sorted(held)},
+            ).all()
+        )
+    stalled_s = max((finished[m] - killed_at).total_seconds() for m in held)
+    print(
+        f"\nkill -9 of a draining child: {len(held)} held by drains at the kill, all sent "
+        f"{stalled_s:.1f}s after it (lease {lease_s:g}s, sweep every {sweep_s:g}s): "
+        f"{verdict.summary()}"
+    )
+    _record(
+        reliability,
+        "kill -9 of a child in the middle of a drain's batch",
+        verdict,
+        faults=f"SIGKILL to a draining child (c=3) holding part of {len(held)} claimed "
+        f"mails; the batch was out {stalled_s:.1f} s after the kill (lease {lease_s:g} s)",
+        started=started,
+        note=WINDOW_NOTE,
+    )
+    assert verdict.statuses == {"sent": len(ids)}
+    assert not verdict.lost and not verdict.unexplained, verdict.unexplained
+    assert verdict.duplicates <= 1
+    # Freed when the lease ends and the next sweep runs; then sent at the relay's pace.
+    assert stalled_s <= lease_s + 2 * sweep_s + 10.0, stalled_s
 
 
 def test_kill9_of_the_whole_worker_mid_load_then_restart(fenv, db, box, start_worker, reliability):
@@ -291,6 +362,44 @@ def test_broker_flushed_with_queued_and_scheduled_retries(
     assert not verdict.lost and not verdict.strangers
     assert verdict.duplicates == 0, verdict.duplicated
     assert undeliverable == 0  # kombu routes by queue name: no binding was needed
+
+
+def test_broker_flushed_with_1000_due_mails_across_20_accounts(
+    fenv, db, box, start_worker, reliability
+):
+    """Every wake-up is lost before any worker runs: the sweeper finds each account's mail
+    in the database and wakes the accounts, one drain wake-up each."""
+    broker = fenv.values["OUTBOX_BROKER_URL"]
+    started = time.monotonic()
+    with ScriptedSMTPServer(tls="none") as server:
+        for n in range(20):
+            make_account(db, box, f"t{n:02d}", port=server.port, tls_mode="none")
+        client = fenv.client(db)
+        ids: list[int] = []
+        for n in range(20):
+            ids += enqueue_many(client, f"t{n:02d}", 50, prefix=f"t{n:02d}-")
+        queued = _queue_depth(broker)
+        flushdb(broker)
+        worker = start_worker(concurrency=2, beat=True)
+        took = wait_until_finished(db, expected=len(ids), timeout=180)
+        verdict = judge(db, servers=[server], ids=ids)
+    woken = sum(int(n) for n in re.findall(r"sweep \{'accounts_woken': (\d+)", worker.log()))
+    print(
+        f"\nbroker flushed with {len(ids)} due mails of 20 accounts ({queued} wake-ups lost): "
+        f"all out {took:.1f}s after the worker started; the sweeper woke {woken} accounts: "
+        f"{verdict.summary()}"
+    )
+    _record(
+        reliability,
+        "Redis FLUSHDB with 1,000 due mails of 20 accounts, before any worker ran",
+        verdict,
+        faults=f"{queued} drain wake-ups flushed; the sweeper woke {woken} accounts",
+        started=started,
+    )
+    assert queued == 20  # coalesced: one wake-up per account, not one per mail
+    assert verdict.statuses == {"sent": len(ids)}
+    assert not verdict.lost and verdict.duplicates == 0, verdict.duplicated
+    assert woken >= 20
 
 
 def _retries_scheduled(db) -> int:
