@@ -35,6 +35,7 @@ from tests.support.services import wait_until
 from tests.support.webhook import WebhookReceiver
 from worker.replies import Stage, explain_text
 from worker.store.models import Incident
+from worker.store.reports import explain_stored
 
 pytestmark = [pytest.mark.integration, pytest.mark.postfix]
 
@@ -160,47 +161,15 @@ def test_wrong_password_opens_one_incident_and_the_right_one_sends(
         assert len(hook.events("opened")) == 1 and len(hook.events("recovered")) == 1
 
 
-def test_greylisted_by_postgrey_is_deferred_then_sent(fast, db, box, relay, start_worker):
-    relay_account(db, box, relay)
-    start_worker()
-    accepted = fast.client(db).enqueue(
-        account="acme", to=[relay.address("grey")], subject="Hi", text="x"
-    )
-    wait_for_status(db, accepted.id, "sent", timeout=30)
-    tries = attempts(db, accepted.id)
-    *deferred, last = tries
-    assert deferred, "postgrey let the first attempt through"
-    assert {(a.outcome, a.reply_code, a.verdict, a.stage) for a in deferred} == {
-        ("deferred", 450, "retry", "rcpt")
-    }
-    assert "Greylisted" in (deferred[0].server_text or "")
-    assert (last.outcome, last.reply_code, last.verdict) == ("sent", 250, "ok")
-    # postgrey counts whole seconds from the first attempt it saw.
-    assert (last.started_at - deferred[0].started_at).total_seconds() >= (
-        relay.greylist_delay_s - 1
-    )
-    [received] = relay.wait_delivered(message(db, accepted.id).message_id_header)
-    assert re.match(r"delayed \d+ seconds by postgrey", received.message["X-Greylist"])
-
-    # While it waited, the user read what the scripted greylisting proves.
-    first = deferred[0]
-    real = explain_text(f"{first.reply_code} {first.enhanced_code} {first.server_text}", Stage.RCPT)
-    expected = scripted("451 4.7.1 Greylisted, please try again later", Stage.RCPT)
-    assert (real.verdict, real.meaning, real.advice) == (
-        expected["verdict"],
-        expected["meaning"],
-        expected["advice"],
-    )
-
-
-def test_refusals_end_as_the_scripted_ones_do_unknown_user_too_large_one_of_two_unknown(
+def test_refused_and_greylisted_mail_ends_as_with_the_scripted_replies(
     fast, db, box, relay, start_worker
 ):
-    """Three refusals Postfix gives at once, so one worker serves them: each is its own
-    message, checked by its own function below."""
+    """Four replies of Postfix's own, to four messages at once (one worker serves them,
+    to keep the module short); each is checked by its own function below."""
     relay_account(db, box, relay)
     start_worker()
     client = fast.client(db)
+    greylisted = client.enqueue(account="acme", to=[relay.address("grey")], subject="Hi", text="x")
     unknown = client.enqueue(account="acme", to=[relay.address("ghost")], subject="Hi", text="x")
     too_large = client.enqueue(
         account="acme",
@@ -227,6 +196,34 @@ def test_refusals_end_as_the_scripted_ones_do_unknown_user_too_large_one_of_two_
     check_too_large_fails_after_one_attempt_with_the_size_explained(fast, db, relay, too_large.id)
     check_one_unknown_of_two_is_sent_to_the_other_and_shows_the_refusal(
         fast, db, relay, one_of_two.id
+    )
+    check_greylisted_is_deferred_then_sent(db, relay, greylisted.id)
+
+
+def check_greylisted_is_deferred_then_sent(db, relay, message_id):
+    wait_for_status(db, message_id, "sent", timeout=30)
+    *deferred, last = attempts(db, message_id)
+    assert deferred, "postgrey let the first attempt through"
+    assert {(a.outcome, a.reply_code, a.verdict, a.stage) for a in deferred} == {
+        ("deferred", 450, "retry", "rcpt")
+    }
+    assert "Greylisted" in (deferred[0].server_text or "")
+    assert (last.outcome, last.reply_code, last.verdict) == ("sent", 250, "ok")
+    # postgrey counts whole seconds from the first attempt it saw.
+    assert (last.started_at - deferred[0].started_at).total_seconds() >= (
+        relay.greylist_delay_s - 1
+    )
+    [received] = relay.wait_delivered(message(db, message_id).message_id_header)
+    assert re.match(r"delayed \d+ seconds by postgrey", received.message["X-Greylist"])
+
+    # While it waited, `outbox show` explained it as it does the scripted greylisting.
+    first = deferred[0]
+    why_pending = explain_stored(first.reply_code, first.enhanced_code, first.server_text)
+    expected = scripted("451 4.7.1 Greylisted, please try again later", Stage.RCPT)
+    assert (why_pending["verdict"], why_pending["meaning"], why_pending["advice"]) == (
+        expected["verdict"],
+        expected["meaning"],
+        expected["advice"],
     )
 
 
