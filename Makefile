@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-slow lint format demo bench clean
+.PHONY: run test test-slow lint format demo bench clean system-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,8 +16,14 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/outbox worker --beat
 
-test: $(STAMP)
+test: $(STAMP) system-deps
 	$(BIN)/pytest -q --ignore=tests/faults
+
+# Debian's Postfix, postgrey and Cyrus SASL for the real-relay tests
+# (tests/integration/test_postfix_relay.py); a no-op once installed, and a warning (the
+# tests then skip) where they cannot be installed.
+system-deps:
+	scripts/install-system-deps.sh
 
 # The fault and load suite (kill -9, broker and database loss, 10,000 messages): slower,
 # run by CI after `make test`.

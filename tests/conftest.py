@@ -29,7 +29,11 @@ from worker.store import migrate
 from worker.store.db import Database
 from worker.wakeups import Wakeups
 
-pytest_plugins = ["tests.support.fixtures_smtp", "tests.support.fixtures_backup"]
+pytest_plugins = [
+    "tests.support.fixtures_smtp",
+    "tests.support.fixtures_backup",
+    "tests.support.postfix",
+]
 
 #: Redis db numbers a test session may take as its broker (flushed before each use).
 #: Several sessions may run at once on one machine: each takes a free one (see below).
