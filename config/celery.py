@@ -28,6 +28,7 @@ from worker.contract import (
     SEND_TASK,
     SWEEP_TASK,
     WAKE_ACCOUNT_TASK,
+    broker_transport_options,
 )
 
 __all__ = ["BACKUP_QUEUE", "MAINTENANCE_QUEUE", "QUEUES", "RETRY_QUEUE", "SEND_QUEUE", "app"]
@@ -99,10 +100,8 @@ app.conf.update(
         },
     },
 )
-if settings.broker_url.startswith(("redis", "rediss")):
-    # Our countdowns stay well under this (OUTBOX_COUNTDOWN_MAX), so Redis never
-    # redelivers a waiting retry; longer waits are parked in the database.
-    app.conf.broker_transport_options = {"visibility_timeout": 3600}
+app.conf.broker_transport_options = broker_transport_options(settings.broker_url)
+if settings.result_backend.startswith(("redis", "rediss")):
     app.conf.result_backend_transport_options = {"retry_policy": {"timeout": 5.0}}
 
 

@@ -275,6 +275,12 @@ class Settings:
                 f"OUTBOX_LEASE ({self.lease_s:g}s) must be at least 3s: a drain renews its "
                 "lease every third of it, and a renewal is a database round trip."
             )
+        if self.broker_url.startswith(("amqp", "pyamqp")) and self.countdown_max_s >= 1800:
+            raise SettingsError(
+                f"OUTBOX_COUNTDOWN_MAX ({self.countdown_max_s:g}s) must stay under RabbitMQ's "
+                "consumer_timeout (30 min by default): a worker holds a countdown unacked "
+                "until it is due, and RabbitMQ closes the channel of a delivery held longer."
+            )
         if self.drain_batch > 1000:
             raise SettingsError(
                 f"OUTBOX_DRAIN_BATCH ({self.drain_batch}) must be at most 1000: a drain "

@@ -33,6 +33,7 @@ pytest_plugins = [
     "tests.support.fixtures_smtp",
     "tests.support.fixtures_backup",
     "tests.support.postfix",
+    "tests.support.rabbit",
 ]
 
 #: Redis db numbers a test session may take as its broker (flushed before each use).

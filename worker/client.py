@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from worker.clock import Clock, utcnow
-from worker.contract import DRAIN_TASK, RETRY_QUEUE, SEND_QUEUE
+from worker.contract import DRAIN_TASK, RETRY_QUEUE, SEND_QUEUE, broker_transport_options
 from worker.intake import FieldError, InvalidRequest, Limits, validate_batch, validate_request
 from worker.store.accept import Accepted, accept_many
 from worker.store.db import Database
@@ -134,6 +134,7 @@ def broker_publisher(broker_url: str) -> Publish:
 
     producer = Celery("outbox-client", broker=broker_url, set_as_current=False)
     producer.conf.broker_connection_retry_on_startup = True
+    producer.conf.broker_transport_options = broker_transport_options(broker_url)
 
     def publish(account_id: int, countdown_s: float | None) -> None:
         if countdown_s:

@@ -32,5 +32,21 @@ BACKUP_QUEUE = "outbox.backup"
 MAINTENANCE_QUEUE = "outbox.maintenance"
 QUEUES = (INTAKE_QUEUE, SEND_QUEUE, RETRY_QUEUE, BACKUP_QUEUE, MAINTENANCE_QUEUE)
 
+
+def broker_transport_options(broker_url: str) -> dict[str, object]:
+    """How Outbox talks to its broker, the same for the worker and every publisher.
+
+    Redis: a visibility timeout far above our longest countdown (OUTBOX_COUNTDOWN_MAX),
+    so Redis never redelivers a waiting wake-up. RabbitMQ: publisher confirms, so a
+    publish the broker did not take fails loudly (and the sweeper makes up for it)
+    instead of vanishing.
+    """
+    if broker_url.startswith(("redis", "rediss")):
+        return {"visibility_timeout": 3600}
+    if broker_url.startswith(("amqp", "amqps", "pyamqp")):
+        return {"confirm_publish": True}
+    return {}
+
+
 #: Version of the `outbox.enqueue` request schema documented in the README.
 ENQUEUE_SCHEMA_VERSION = 1

@@ -170,3 +170,24 @@ def test_dockerfile_runs_as_a_user_and_starts_a_worker() -> None:
     assert re.search(r"^USER (?!root)\S+", text, re.M)
     assert 'CMD ["outbox", "worker"]' in text
     assert "COPY . " not in text  # never .venv, .git or var/secret.key
+
+
+# -- docker-compose.rabbitmq.yml --------------------------------------------------------
+
+
+def test_the_rabbitmq_variant_moves_every_process_to_one_durable_rabbitmq() -> None:
+    yaml = pytest.importorskip("yaml")
+    override = yaml.safe_load((REPO / "docker-compose.rabbitmq.yml").read_text())
+    services = override["services"]
+    rabbit = services["rabbitmq"]
+    assert any(v.endswith(":/var/lib/rabbitmq") for v in rabbit["volumes"])
+    assert rabbit["hostname"]  # a fixed node name keeps the same data directory
+    assert "${RABBITMQ_PASSWORD" in rabbit["environment"]["RABBITMQ_DEFAULT_PASS"]
+    for name in APP_SERVICES:
+        env = services[name]["environment"]
+        assert env["OUTBOX_BROKER_URL"].startswith("amqp://"), name
+        assert "${RABBITMQ_PASSWORD" in env["OUTBOX_BROKER_URL"]
+        # Results stay on Redis: the embedded SQLite default is per container.
+        assert env["OUTBOX_RESULT_BACKEND"].startswith("redis://"), name
+    for name in ("worker", "beat", "flower"):
+        assert services[name]["depends_on"]["rabbitmq"]["condition"] == "service_healthy"

@@ -298,3 +298,12 @@ def test_drain_batch_out_of_range_is_refused(base_env, value, words):
     message = _refusal(base_env, OUTBOX_DRAIN_BATCH=value)
     assert "OUTBOX_DRAIN_BATCH" in message
     assert words in message
+
+
+def test_a_countdown_longer_than_rabbitmqs_consumer_timeout_is_refused(base_env):
+    message = _refusal(
+        base_env, OUTBOX_BROKER_URL="amqp://guest:guest@rabbit:5672//", OUTBOX_COUNTDOWN_MAX="45m"
+    )
+    assert "OUTBOX_COUNTDOWN_MAX" in message and "consumer_timeout" in message
+    # On Redis the same wait is fine (its visibility timeout is an hour).
+    assert _settings(base_env, OUTBOX_COUNTDOWN_MAX="45m").countdown_max_s == 2700
