@@ -14,7 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from worker.backoff import backoff_delay_s
@@ -23,17 +22,20 @@ from worker.clock import Clock, utcnow
 from worker.decide import backup_recipient_result, broker_countdown
 from worker.delivery import Action, NoticeDue, envelope_address
 from worker.message import OutgoingEmail
+from worker.store.accounts import account_by_id
 from worker.store.db import Database
+from worker.store.incidents import count_backup_delivery
 from worker.store.messages import (
     AttemptRecord,
     Claimed,
     MessageUpdate,
     NotClaimed,
+    attempts_through,
     claim,
     record,
     release,
 )
-from worker.store.models import Account, Attempt, AttemptOutcome, Channel, Incident, MessageStatus
+from worker.store.models import AttemptOutcome, Channel, MessageStatus
 
 log = logging.getLogger("outbox.backup")
 
@@ -113,16 +115,9 @@ class BackupEngine:
                     detail="the retry window is still open",
                     account_id=got.account_id,
                 )
-            account = session.get(Account, got.account_id)
+            account = account_by_id(session, got.account_id)
             assert account is not None
-            backup_tries = (
-                session.scalar(
-                    select(func.count())
-                    .select_from(Attempt)
-                    .where(Attempt.message_id == got.id, Attempt.channel == Channel.BACKUP.value)
-                )
-                or 0
-            )
+            backup_tries = attempts_through(session, got.id, Channel.BACKUP)
             verified = account.backup_verified
             account_name = account.name
 
@@ -241,19 +236,9 @@ class BackupEngine:
                 ),
                 now=finished,
             )
-            incident = session.scalar(
-                select(Incident).where(
-                    Incident.account_id == got.account_id, Incident.closed_at.is_(None)
-                )
-            )
-            if incident is not None:
-                session.execute(
-                    update(Incident)
-                    .where(Incident.id == incident.id)
-                    .values(backup_deliveries=Incident.backup_deliveries + 1)
-                )
-                if incident.backup_notified_at is None:
-                    notices.append(NoticeDue(incident.id, "backup"))
+            to_notify = count_backup_delivery(session, got.account_id)
+            if to_notify is not None:
+                notices.append(NoticeDue(to_notify, "backup"))
             return BackupStep(
                 got.id, Action.SENT, detail=f"sent via {result.provider}", notices=tuple(notices)
             )

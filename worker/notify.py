@@ -9,27 +9,18 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 import httpx
-from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from worker.message import OutgoingEmail
 from worker.replies import Reply, Verdict, classify, parse_reply
-from worker.store.db import changed_rows
-from worker.store.models import Account, Incident, MessageStatus
-from worker.store.models import Message as MessageRow
+from worker.store.incidents import NOTICE_COLUMNS, claim_notice, notice_subject, unclaim_notice
 
 log = logging.getLogger("outbox.notify")
 
 #: Which incident column records that a kind of notice went out.
-NOTICE_COLUMNS = {
-    "opened": "notified_at",
-    "backup": "backup_notified_at",
-    "recovered": "recovery_notified_at",
-}
 
 
 class NoticeFailed(Exception):
@@ -47,43 +38,11 @@ class Notice:
     email: str | None
 
 
-def claim_notice(session: Session, incident_id: int, kind: str, *, now: datetime) -> bool:
-    column = getattr(Incident, NOTICE_COLUMNS[kind])
-    result = session.execute(
-        update(Incident)
-        .where(Incident.id == incident_id, column.is_(None))
-        .values({NOTICE_COLUMNS[kind]: now})
-        .execution_options(synchronize_session=False)
-    )
-    return bool(changed_rows(result))
-
-
-def unclaim_notice(session: Session, incident_id: int, kind: str) -> None:
-    session.execute(
-        update(Incident)
-        .where(Incident.id == incident_id)
-        .values({NOTICE_COLUMNS[kind]: None})
-        .execution_options(synchronize_session=False)
-    )
-
-
 def build_notice(session: Session, incident_id: int, kind: str) -> Notice | None:
-    incident = session.get(Incident, incident_id)
-    if incident is None:
+    about = notice_subject(session, incident_id)
+    if about is None:
         return None
-    account = session.get(Account, incident.account_id)
-    assert account is not None
-    waiting = (
-        session.scalar(
-            select(func.count())
-            .select_from(MessageRow)
-            .where(
-                MessageRow.account_id == account.id,
-                MessageRow.status == MessageStatus.PENDING.value,
-            )
-        )
-        or 0
-    )
+    incident, account, waiting = about.incident, about.account, about.pending
     reply: Reply = parse_reply(incident.last_reply or "")
     if incident.last_code is not None and reply.code is None:
         reply = Reply(

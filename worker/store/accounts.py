@@ -242,6 +242,10 @@ def _resize_slots(session: Session, account: Account) -> None:
     session.flush()
 
 
+def account_by_id(session: Session, account_id: int) -> Account | None:
+    return session.get(Account, account_id)
+
+
 def get_account(session: Session, name: str) -> Account | None:
     return session.scalar(select(Account).where(Account.name == name))
 

@@ -11,12 +11,21 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from worker.replies import Explanation
-from worker.store.models import Incident
+from worker.store.db import changed_rows
+from worker.store.models import Account, Incident, MessageStatus
+from worker.store.models import Message as MessageRow
+
+#: The incident column that records when each kind of notice went out.
+NOTICE_COLUMNS = {
+    "opened": "notified_at",
+    "backup": "backup_notified_at",
+    "recovered": "recovery_notified_at",
+}
 
 
 @dataclass(frozen=True)
@@ -144,3 +153,65 @@ def reopen_probe(session: Session, account_id: int) -> None:
         .values(probe_message_id=None, probe_until=None)
         .execution_options(synchronize_session=False)
     )
+
+
+def claim_notice(session: Session, incident_id: int, kind: str, *, now: datetime) -> bool:
+    """Take the one notice of this kind for the incident; False: it is someone else's."""
+    column = getattr(Incident, NOTICE_COLUMNS[kind])
+    result = session.execute(
+        update(Incident)
+        .where(Incident.id == incident_id, column.is_(None))
+        .values({NOTICE_COLUMNS[kind]: now})
+        .execution_options(synchronize_session=False)
+    )
+    return bool(changed_rows(result))
+
+
+def unclaim_notice(session: Session, incident_id: int, kind: str) -> None:
+    """The notice could not be sent: let its retry claim it again."""
+    session.execute(
+        update(Incident)
+        .where(Incident.id == incident_id)
+        .values({NOTICE_COLUMNS[kind]: None})
+        .execution_options(synchronize_session=False)
+    )
+
+
+@dataclass(frozen=True)
+class NoticeSubject:
+    """What a notice about an incident tells: the incident, its account, mail waiting."""
+
+    incident: Incident
+    account: Account
+    pending: int
+
+
+def notice_subject(session: Session, incident_id: int) -> NoticeSubject | None:
+    incident = session.get(Incident, incident_id)
+    if incident is None:
+        return None
+    account = session.get(Account, incident.account_id)
+    assert account is not None
+    pending = session.scalar(
+        select(func.count())
+        .select_from(MessageRow)
+        .where(
+            MessageRow.account_id == account.id,
+            MessageRow.status == MessageStatus.PENDING.value,
+        )
+    )
+    return NoticeSubject(incident, account, int(pending or 0))
+
+
+def count_backup_delivery(session: Session, account_id: int) -> int | None:
+    """A mail of the account went out through the backup during its open incident: count
+    it. Returns the incident's id when its "backup" notice is still to be sent."""
+    incident = open_incident(session, account_id)
+    if incident is None:
+        return None
+    session.execute(
+        update(Incident)
+        .where(Incident.id == incident.id)
+        .values(backup_deliveries=Incident.backup_deliveries + 1)
+    )
+    return incident.id if incident.backup_notified_at is None else None

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from worker.message import Attachment, OutgoingEmail
 from worker.store.db import changed_rows
-from worker.store.models import AttachmentRow, Attempt, MessageStatus, table
+from worker.store.models import AttachmentRow, Attempt, Channel, MessageStatus, table
 from worker.store.models import Message as MessageRow
 
 _MESSAGES = table(MessageRow)
@@ -459,3 +459,13 @@ def settle_without_sending(session: Session, claimed: Claimed, *, now: datetime)
         _SETTLE, {"p_id": claimed.id, "p_token": claimed.token, "p_status": status, "p_now": now}
     )
     return status
+
+
+def attempts_through(session: Session, message_id: int, channel: Channel) -> int:
+    """How many attempts of the message went through this channel (its backup tries)."""
+    count = session.scalar(
+        select(func.count())
+        .select_from(Attempt)
+        .where(Attempt.message_id == message_id, Attempt.channel == channel.value)
+    )
+    return int(count or 0)
