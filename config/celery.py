@@ -7,7 +7,7 @@ only says how messages travel.
 from __future__ import annotations
 
 from celery import Celery
-from celery.signals import setup_logging, worker_process_init, worker_process_shutdown
+from celery.signals import setup_logging
 from kombu import Exchange, Queue
 
 from config.settings import get_settings
@@ -82,8 +82,8 @@ app.conf.update(
     result_expires=7 * 24 * 3600,
     # Flower needs events to show tasks and export metrics.
     worker_send_task_events=True,
-    # Not for the wake-ups and retries the worker publishes itself: one more Redis publish
-    # each, 7% of a pool process's time on the by-name door (bench/README.md); Flower
+    # Not for the wake-ups and retries the worker publishes itself: one more broker publish
+    # each, on the hottest path (bench/README.md); Flower
     # shows those tasks from `task-received` on. Flower's own sends keep theirs
     # (config/flower.py).
     task_send_sent_event=False,
@@ -111,27 +111,3 @@ def _logging(loglevel: str | int | None = None, **_: object) -> None:
     from config.logging import configure_logging
 
     configure_logging(json_lines=settings.log_json, level=loglevel or "INFO")
-
-
-@worker_process_init.connect
-def _after_fork(**_: object) -> None:
-    """Pools must not cross fork(): each child gets its own connections.
-
-    Children also ignore SIGTERM, as Celery already makes them ignore SIGINT: hosts that
-    signal the whole process group (Heroku, `kill -- -PGID`, supervisord's stopasgroup)
-    would otherwise kill a child mid-send and leave the parent waiting forever in its
-    pool shutdown. The parent's warm shutdown stops the children itself.
-    """
-    import signal
-
-    from tasks.runtime import reset_after_fork
-
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    reset_after_fork()
-
-
-@worker_process_shutdown.connect
-def _on_shutdown(**_: object) -> None:
-    from tasks.runtime import shutdown
-
-    shutdown()

@@ -15,9 +15,9 @@ from sqlalchemy.exc import OperationalError
 
 from config.celery import BACKUP_QUEUE, MAINTENANCE_QUEUE, RETRY_QUEUE, SEND_QUEUE, app
 from tasks.runtime import runtime
+from worker.backup.engine import BackupStep
 from worker.contract import BACKUP_TASK, DRAIN_TASK, NOTIFY_TASK, SEND_TASK
 from worker.delivery import Action, DrainOutcome, NoticeDue
-from worker.fallback import BackupStep
 
 log = logging.getLogger("outbox.tasks")
 

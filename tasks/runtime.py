@@ -7,16 +7,18 @@ between processes. It only wires: every number comes from the settings.
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 
 import httpx
+from celery.signals import worker_process_init, worker_process_shutdown
 
 from config.settings import Settings, get_settings
 from worker.backup import BackupProvider, make_provider
+from worker.backup.engine import BackupConfig, BackupEngine
 from worker.client import IntakeClient, limits_from
 from worker.crypto import SecretBox
 from worker.delivery import DeliveryEngine, EngineConfig
-from worker.fallback import BackupConfig, BackupEngine
 from worker.lease import LeaseKeeper
 from worker.notify import Notifier
 from worker.operator import Operator
@@ -31,6 +33,10 @@ _runtime: Runtime | None = None
 
 
 class Runtime:
+    """Everything a worker process needs to run tasks, built once from the settings:
+    tasks stay thin (ids in, decisions out) because the wiring lives here, and a forked
+    child builds its own (no connection crosses fork)."""
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         # Every database call of a task is retried (autoretry, Database.run): ping only
@@ -153,3 +159,21 @@ def shutdown() -> None:
     if _runtime is not None:
         _runtime.close()
     _runtime = None
+
+
+@worker_process_init.connect
+def _after_fork(**_: object) -> None:
+    """Pools must not cross fork(): each child gets its own connections.
+
+    Children also ignore SIGTERM, as Celery already makes them ignore SIGINT: hosts that
+    signal the whole process group (Heroku, `kill -- -PGID`, supervisord's stopasgroup)
+    would otherwise kill a child mid-send and leave the parent waiting forever in its
+    pool shutdown. The parent's warm shutdown stops the children itself.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    reset_after_fork()
+
+
+@worker_process_shutdown.connect
+def _on_shutdown(**_: object) -> None:
+    shutdown()

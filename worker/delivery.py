@@ -46,8 +46,7 @@ from worker.decide import (
 from worker.lease import Lease, LeaseKeeper
 from worker.message import compose
 from worker.replies import Reply, Stage, Verdict, classify
-from worker.smtp import SendResult, SmtpAccount, SmtpConnectionPool
-from worker.smtp import TlsMode as SmtpTlsMode
+from worker.smtp import SendResult, SmtpAccount, SmtpConnectionPool, TlsMode
 from worker.store import accounts as account_store
 from worker.store import drains
 from worker.store import incidents as incident_store
@@ -523,7 +522,7 @@ class DeliveryEngine:
             port=account.smtp_port,
             username=account.smtp_username,
             password=password,
-            tls=SmtpTlsMode(account.tls_mode),
+            tls=TlsMode(account.tls_mode),
             ca_pem=account.ca_pem,
             timeout_s=self.config.smtp_timeout_s,
         )

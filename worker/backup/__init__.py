@@ -2,8 +2,9 @@
 
 This package owns the adapters (SendGrid, Postmark, Mailgun), `make_provider` that picks
 one from the settings' values, and `backup_sender`: which From and Reply-To a message
-carries when it goes out through the backup. Celery, the database and exactly-once
-claiming belong to the caller; an adapter sends once per call and reports what happened.
+carries when it goes out through the backup. An adapter sends once per call and reports
+what happened; `backup.engine` (`BackupEngine`) is the fallback itself: it claims a
+message whose window is over, sends it through the adapter and records the result.
 """
 
 from __future__ import annotations

@@ -149,7 +149,7 @@ def format_address(name: str, addr: str) -> str:
     return f"{name} <{addr}>"
 
 
-def normalize_address(address: str) -> str:
+def with_quoted_name(address: str) -> str:
     """The address re-written with its display name quoted where punctuation needs it."""
     return format_address(*split_address(address))
 

@@ -16,8 +16,8 @@ from worker.backup.base import (
     body_parts,
     dict_body,
     extra_headers,
-    normalize_address,
     text_body,
+    with_quoted_name,
 )
 from worker.message import OutgoingEmail
 
@@ -30,10 +30,10 @@ FormPart = tuple[str, tuple[str | None, bytes] | tuple[str | None, bytes, str]]
 
 def build_form(email: OutgoingEmail, *, from_addr: str, reply_to: str | None) -> list[FormPart]:
     """The multipart form of one Messages request, fields in a stable order."""
-    fields: list[tuple[str, str]] = [("from", normalize_address(from_addr))]
-    fields += [("to", normalize_address(address)) for address in email.to]
-    fields += [("cc", normalize_address(address)) for address in email.cc]
-    fields += [("bcc", normalize_address(address)) for address in email.bcc]
+    fields: list[tuple[str, str]] = [("from", with_quoted_name(from_addr))]
+    fields += [("to", with_quoted_name(address)) for address in email.to]
+    fields += [("cc", with_quoted_name(address)) for address in email.cc]
+    fields += [("bcc", with_quoted_name(address)) for address in email.bcc]
     fields.append(("subject", email.subject))
     text, html = body_parts(email)
     if text is not None:
@@ -41,7 +41,7 @@ def build_form(email: OutgoingEmail, *, from_addr: str, reply_to: str | None) ->
     if html is not None:
         fields.append(("html", html))
     if reply_to:
-        fields.append(("h:Reply-To", normalize_address(reply_to)))
+        fields.append(("h:Reply-To", with_quoted_name(reply_to)))
     fields.append(("h:Message-Id", email.message_id))
     fields += [(f"h:{name}", value) for name, value in extra_headers(email)]
 

@@ -20,8 +20,8 @@ from worker.backup.base import (
     body_parts,
     dict_body,
     extra_headers,
-    normalize_address,
     text_body,
+    with_quoted_name,
 )
 from worker.message import OutgoingEmail
 
@@ -49,14 +49,14 @@ STREAM_NOT_FOUND = 1235
 def _join(addresses: tuple[str, ...]) -> str:
     # Re-written so that a display name with a comma is quoted: Postmark splits on
     # commas and answers ErrorCode 300 for an unquoted "Doe, Jane <j@x.test>".
-    return ", ".join(normalize_address(address) for address in addresses)
+    return ", ".join(with_quoted_name(address) for address in addresses)
 
 
 def build_payload(email: OutgoingEmail, *, from_addr: str, reply_to: str | None) -> dict[str, Any]:
     """The JSON body of one `/email` request."""
     text, html = body_parts(email)
     payload: dict[str, Any] = {
-        "From": normalize_address(from_addr),
+        "From": with_quoted_name(from_addr),
         "To": _join(email.to),
         "Subject": email.subject,
         "Headers": [{"Name": "Message-ID", "Value": email.message_id}]
@@ -68,7 +68,7 @@ def build_payload(email: OutgoingEmail, *, from_addr: str, reply_to: str | None)
     if email.bcc:
         payload["Bcc"] = _join(email.bcc)
     if reply_to:
-        payload["ReplyTo"] = normalize_address(reply_to)
+        payload["ReplyTo"] = with_quoted_name(reply_to)
     if text is not None:
         payload["TextBody"] = text
     if html is not None:

@@ -12,9 +12,10 @@ from sqlalchemy.orm import Session
 
 from worker.crypto import SecretBox
 from worker.intake import FieldError, InvalidRequest, _Collector, normalize_address
+from worker.smtp import TlsMode
 from worker.store.db import changed_rows
 from worker.store.incidents import open_incident_id
-from worker.store.models import Account, Incident, MessageStatus, SmtpSlot, TlsMode, table
+from worker.store.models import Account, Incident, MessageStatus, SmtpSlot, table
 from worker.store.models import Message as MessageRow
 
 #: Settings whose change means "the SMTP setup was corrected": pending mail goes out now.

@@ -36,7 +36,7 @@ from sqlalchemy import and_, bindparam, exists, func, not_, or_, select, update
 from sqlalchemy.orm import Session
 
 from worker.store.db import changed_rows
-from worker.store.messages import CLAIM_RETURNING, Claimed, claimed_from_rows
+from worker.store.messages import CLAIM_RETURNING, CLAIM_VALUES, Claimed, claimed_from_rows
 from worker.store.models import Account, Incident, Message, MessageStatus, SmtpSlot, table
 from worker.store.slots import acquire_statement
 
@@ -202,14 +202,7 @@ def _claim_statement(candidates: Any) -> Any:
     return (
         update(_MESSAGES)
         .where(_MESSAGES.c.id == batch.c.id)
-        .values(
-            lease_until=bindparam("p_lease_until"),
-            lease_token=bindparam("p_token"),
-            # If this drain dies, the sweeper looks when the lease ends.
-            due_at=bindparam("p_lease_until"),
-            attempt_count=_MESSAGES.c.attempt_count + 1,
-            updated_at=bindparam("p_now"),
-        )
+        .values(CLAIM_VALUES)
         .returning(*CLAIM_RETURNING, _MESSAGES.c.priority, _MESSAGES.c.next_attempt_at)
     )
 

@@ -96,6 +96,16 @@ CLAIM_RETURNING = tuple(
         *EMAIL_COLUMNS,
     )
 )
+#: What claiming a message writes, for one message or a drain's batch (parameters
+#: p_lease_until, p_token, p_now): if the claimer dies, the sweeper looks again when the
+#: lease ends, and the attempt is counted (a give-back uncounts it).
+CLAIM_VALUES = {
+    "lease_until": bindparam("p_lease_until"),
+    "lease_token": bindparam("p_token"),
+    "due_at": bindparam("p_lease_until"),
+    "attempt_count": _MESSAGES.c.attempt_count + 1,
+    "updated_at": bindparam("p_now"),
+}
 
 #: The compare-and-set claim (parameters p_id, p_now, p_due_by, p_lease_until, p_token);
 #: also the first part of store.sending's one-statement claim.
@@ -107,14 +117,7 @@ CLAIM = (
         or_(_MESSAGES.c.lease_until.is_(None), _MESSAGES.c.lease_until < bindparam("p_now")),
         _MESSAGES.c.next_attempt_at <= bindparam("p_due_by"),
     )
-    .values(
-        lease_until=bindparam("p_lease_until"),
-        lease_token=bindparam("p_token"),
-        # If this worker dies, the sweeper looks again when the lease ends.
-        due_at=bindparam("p_lease_until"),
-        attempt_count=_MESSAGES.c.attempt_count + 1,
-        updated_at=bindparam("p_now"),
-    )
+    .values(CLAIM_VALUES)
     # What a sender needs comes back with the claim: one round trip, not UPDATE + SELECT.
     .returning(*CLAIM_RETURNING)
 )

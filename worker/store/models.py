@@ -30,6 +30,8 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
+from worker.smtp import TlsMode
+
 #: Integer ids that are 64-bit on PostgreSQL and rowid aliases on SQLite.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
 
@@ -64,12 +66,6 @@ class MessageStatus(StrEnum):
 class Channel(StrEnum):
     SMTP = "smtp"  #: the account's own SMTP server
     BACKUP = "backup"  #: the backup provider's HTTP API
-
-
-class TlsMode(StrEnum):
-    STARTTLS = "starttls"  #: plain connect, then STARTTLS (port 587); the default
-    TLS = "tls"  #: implicit TLS from the first byte (port 465)
-    NONE = "none"  #: no encryption: loopback or explicit opt-in only
 
 
 class Priority(IntEnum):

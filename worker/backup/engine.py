@@ -100,6 +100,13 @@ class BackupEngine:
         self.holder = holder
 
     def deliver(self, message_id: int) -> BackupStep:
+        """Send one message whose SMTP window is over through the backup provider, once.
+
+        Claimed like an SMTP send (no provider offers an idempotency key, so the claim is
+        what keeps a redelivered task from sending twice); a provider's 429/5xx is retried
+        for OUTBOX_BACKUP_RETRY_WINDOW, any other refusal ends the message failed with the
+        provider's reason. Safe to run any number of times, at once or late.
+        """
         now = self.clock()
         token = uuid.uuid4().hex
         with self.db.session() as session:
