@@ -62,7 +62,7 @@ def main() -> None:
     parser.add_argument("--show-sql", action="store_true", help="print each distinct statement")
     args = parser.parse_args()
 
-    from tests.support.services import TEST_SECRET_KEY, create_pg_database
+    from standins.services import TEST_SECRET_KEY, create_pg_database
 
     url, drop = create_pg_database()
     sink = subprocess.Popen(

@@ -33,7 +33,7 @@ import redis
 from sqlalchemy import text
 
 from config.settings import default_concurrency
-from tests.support.services import wait_until
+from standins.services import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "bench" / "results"
@@ -221,7 +221,7 @@ class Bench:
     # -- set-up ----------------------------------------------------------------------
 
     def setup(self) -> None:
-        from tests.support.services import TEST_SECRET_KEY, create_pg_database
+        from standins.services import TEST_SECRET_KEY, create_pg_database
 
         self.redis.flushdb()
         self.pg_url, drop = create_pg_database()

@@ -18,7 +18,7 @@ from typing import Any
 
 from sqlalchemy import text
 
-from tests.support.services import create_pg_database
+from standins.services import create_pg_database
 from worker.clock import utcnow
 from worker.store import migrate
 from worker.store.db import Database

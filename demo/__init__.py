@@ -42,8 +42,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from tests.support.provider_stub import ProviderStub
-from tests.support.smtpd import ScriptedSMTPServer
+from standins.provider import ProviderStub
+from standins.smtp import ScriptedSMTPServer
 
 REPO = Path(__file__).resolve().parents[1]
 

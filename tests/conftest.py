@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import text
 
 from config.settings import Settings
-from tests.support.services import (
+from standins.services import (
     TEST_SECRET_KEY,
     OutboxProcess,
     create_pg_database,

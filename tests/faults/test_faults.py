@@ -28,6 +28,9 @@ import redis
 from celery import Celery
 from sqlalchemy import text
 
+from standins.provider import ProviderStub
+from standins.services import outbox_worker, wait_until
+from standins.smtp import ScriptedSMTPServer
 from tests.support.bulk import enqueue_many, wait_until_finished
 from tests.support.faults import (
     BackendKiller,
@@ -41,9 +44,6 @@ from tests.support.faults import (
     row_lock,
 )
 from tests.support.outbox import attempts, make_account, wait_for_status
-from tests.support.provider_stub import ProviderStub
-from tests.support.services import outbox_worker, wait_until
-from tests.support.smtpd import ScriptedSMTPServer
 from tests.support.tally import Verdict, judge, load_facts
 from worker.clock import utcnow
 from worker.contract import QUEUES, RETRY_QUEUE, SEND_QUEUE

@@ -29,11 +29,11 @@ from dataclasses import dataclass
 import pytest
 import redis
 
+from standins.provider import ProviderStub
+from standins.smtp import ScriptedSMTPServer
 from tests.support.bulk import count_by_status, wait_until_finished
 from tests.support.faults import RssSampler
 from tests.support.outbox import make_account
-from tests.support.provider_stub import ProviderStub
-from tests.support.smtpd import ScriptedSMTPServer
 from tests.support.tally import judge, load_facts
 from worker.client import IntakeClient, limits_from
 from worker.contract import QUEUES

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import time
 
+from standins.services import wait_until
+from standins.smtp import ScriptedSMTPServer
 from tests.support.bulk import enqueue_many, wait_until_finished
 from tests.support.outbox import make_account
 from tests.support.rabbit import rabbitmqctl
-from tests.support.services import wait_until
-from tests.support.smtpd import ScriptedSMTPServer
 from tests.support.tally import judge
 
 GREYLISTED = "451 4.7.1 Greylisted, try again later"

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import httpx
 import pytest
 
-from tests.support.provider_stub import ProviderStub
+from standins.provider import ProviderStub
 from worker.backup import (
     DEFAULT_BASE_URLS,
     EU_BASE_URLS,

@@ -14,6 +14,8 @@ import textwrap
 import pytest
 from celery import Celery
 
+from standins.services import REPO, wait_until
+from standins.smtp import ScriptedSMTPServer, make_self_signed
 from tests.support.outbox import (
     attempts,
     count_messages,
@@ -23,8 +25,6 @@ from tests.support.outbox import (
     wait_for_attempts,
     wait_for_status,
 )
-from tests.support.services import REPO, wait_until
-from tests.support.smtpd import ScriptedSMTPServer, make_self_signed
 
 pytestmark = pytest.mark.integration
 

@@ -13,10 +13,10 @@ import pytest
 from celery import Celery
 from sqlalchemy import select
 
+from standins.services import wait_until
+from standins.smtp import ScriptedSMTPServer
 from tests.support.bulk import count_by_status, wait_until_finished
 from tests.support.outbox import cli, make_account, message, wait_for_status
-from tests.support.services import wait_until
-from tests.support.smtpd import ScriptedSMTPServer
 from worker.clock import utcnow
 from worker.store.models import Message
 

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.support.services import REPO, OutboxProcess, wait_until
+from standins.services import REPO, OutboxProcess, wait_until
 
 pytestmark = pytest.mark.integration
 

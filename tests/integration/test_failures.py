@@ -12,6 +12,8 @@ import json
 import pytest
 from sqlalchemy import select
 
+from standins.services import wait_until
+from standins.smtp import ScriptedSMTPServer
 from tests.support.outbox import (
     attempts,
     cli,
@@ -20,8 +22,6 @@ from tests.support.outbox import (
     update_account,
     wait_for_status,
 )
-from tests.support.services import wait_until
-from tests.support.smtpd import ScriptedSMTPServer
 from tests.support.webhook import WebhookReceiver
 from worker.store.models import Account, Incident
 

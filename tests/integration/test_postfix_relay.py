@@ -17,6 +17,7 @@ import re
 import pytest
 from sqlalchemy import select
 
+from standins.services import wait_until
 from tests.support.outbox import (
     attempts,
     cli,
@@ -31,7 +32,6 @@ from tests.support.postfix import (
     RELAY_USER,
     PostfixRelay,
 )
-from tests.support.services import wait_until
 from tests.support.webhook import WebhookReceiver
 from worker.replies import Stage, explain_text
 from worker.store.models import Incident

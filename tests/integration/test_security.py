@@ -31,10 +31,10 @@ from celery import Celery
 from cryptography.fernet import Fernet
 from sqlalchemy import select
 
+from standins.provider import ProviderStub
+from standins.services import wait_until
 from tests.support.cli_runs import outbox_cli, outbox_cli_many
 from tests.support.outbox import COMPRESSED, make_account, message, wait_for_status
-from tests.support.provider_stub import ProviderStub
-from tests.support.services import wait_until
 from worker.crypto import SecretBox
 from worker.store.models import Account
 

@@ -1,6 +1,6 @@
 """The SMTP transport against a real server: aiosmtpd on loopback, smtplib as client.
 
-Everything goes through `SmtpConnectionPool`; the server (`tests.support.smtpd`)
+Everything goes through `SmtpConnectionPool`; the server (`standins.smtp`)
 scripts the failures and records what arrived.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.smtpd import ScriptedSMTPServer, TestCA, make_self_signed
+from standins.smtp import ScriptedSMTPServer, TestCA, make_self_signed
 from worker.message import OutgoingEmail, compose
 from worker.replies import ConnectionFailure, Reply, Stage
 from worker.smtp import SendResult, SmtpAccount, SmtpConnectionPool, TlsMode

@@ -13,6 +13,9 @@ import threading
 import pytest
 from celery import Celery
 
+from standins.provider import ProviderStub
+from standins.services import flush_redis, wait_until
+from standins.smtp import ScriptedSMTPServer
 from tests.support.outbox import (
     COMPRESSED,
     attempts,
@@ -20,9 +23,6 @@ from tests.support.outbox import (
     message,
     wait_for_status,
 )
-from tests.support.provider_stub import ProviderStub
-from tests.support.services import flush_redis, wait_until
-from tests.support.smtpd import ScriptedSMTPServer
 from tests.support.webhook import WebhookReceiver
 from worker.clock import utcnow
 from worker.store.sweep import sweep_messages

@@ -13,10 +13,10 @@ import pytest
 from celery import Celery
 from sqlalchemy import text
 
+from standins.services import create_pg_database
+from standins.smtp import ScriptedSMTPServer
 from tests.support.bulk import count_by_status, wait_until_finished
 from tests.support.outbox import cli
-from tests.support.services import create_pg_database
-from tests.support.smtpd import ScriptedSMTPServer
 from worker.clock import utcnow
 from worker.store import migrate
 from worker.store.db import Database

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable
 
 from sqlalchemy import func, select
 
-from tests.support.services import wait_until
+from standins.services import wait_until
 from worker.client import IntakeClient
 from worker.store.db import Database
 from worker.store.models import Message

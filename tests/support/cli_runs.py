@@ -13,7 +13,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from tests.support.services import REPO
+from standins.services import REPO
 
 Arg = str | bytes
 

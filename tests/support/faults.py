@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import psycopg
 import redis
 
-from tests.support.services import PG_ADMIN_URL
+from standins.services import PG_ADMIN_URL
 
 # -- PostgreSQL ---------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.provider_stub import PROVIDERS, ProviderStub
+from standins.provider import PROVIDERS, ProviderStub
 from worker.backup import BackupProvider, make_provider
 
 #: The adapter's timeout in these tests: short, so scripted timeouts stay quick.

@@ -1,4 +1,4 @@
-"""pytest fixtures for the scripted SMTP server (`tests.support.smtpd`).
+"""pytest fixtures for the scripted SMTP server (`standins.smtp`).
 
 Not a conftest: load with ``pytest_plugins = ["tests.support.fixtures_smtp"]`` (or
 import the fixtures) where needed.
@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support.smtpd import ScriptedSMTPServer, TestCA, make_test_ca
+from standins.smtp import ScriptedSMTPServer, TestCA, make_test_ca
 
 #: The account the `smtp_server` fixture accepts.
 SMTP_USER = "acct"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.support.services import OutboxProcess, wait_until
+from standins.services import OutboxProcess, wait_until
 
 
 def free_port() -> int:

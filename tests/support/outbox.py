@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from tests.support.services import REPO, wait_until
+from standins.services import REPO, wait_until
 from worker.clock import utcnow
 from worker.crypto import SecretBox
 from worker.store.accounts import AccountChanges, save_account

@@ -42,8 +42,8 @@ from typing import BinaryIO
 
 import pytest
 
-from tests.support.services import wait_until
-from tests.support.smtpd import Received, ScriptedSMTPServer, TestCA, make_test_ca
+from standins.services import wait_until
+from standins.smtp import Received, ScriptedSMTPServer, TestCA, make_test_ca
 
 __all__ = [
     "RELAY_DOMAIN",

@@ -19,8 +19,8 @@ from typing import Any
 
 from sqlalchemy import select
 
-from tests.support.provider_stub import ProviderStub
-from tests.support.smtpd import ScriptedSMTPServer
+from standins.provider import ProviderStub
+from standins.smtp import ScriptedSMTPServer
 from worker.store.db import Database
 from worker.store.models import Attempt, Message
 

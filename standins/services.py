@@ -19,7 +19,7 @@ from pathlib import Path
 import psycopg
 import redis
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 #: The server the tests create their databases on (trust auth on this machine).
 PG_ADMIN_URL = os.environ.get("OUTBOX_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("OUTBOX_TEST_REDIS", "redis://127.0.0.1:6379")

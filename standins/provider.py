@@ -6,7 +6,7 @@ type, required fields), answers with the provider's own status codes and bodies,
 records every request, and can be scripted to fail, slow down or drop the connection.
 It imports no pytest, so `make demo` can run it on its own:
 
-    python -m tests.support.provider_stub --provider sendgrid --port 0
+    python -m standins.provider --provider sendgrid --port 0
 """
 
 from __future__ import annotations
