@@ -72,8 +72,8 @@ def account_set(
 
     Changing SMTP settings sends the account's pending mail at once.
     """
-    from worker.intake import InvalidRequest
     from worker.store.accounts import AccountChanges, save_account
+    from worker.store.errors import InvalidAccountSettings
 
     password = None
     if password_stdin:
@@ -110,7 +110,7 @@ def account_set(
                 default_max_connections=ctx.settings.default_max_connections,
                 now=now,
             )
-    except InvalidRequest as exc:
+    except InvalidAccountSettings as exc:
         fail(str(exc), as_json=as_json)
     woken = saved.pending if saved.smtp_changed else 0
     if woken:

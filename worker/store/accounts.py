@@ -11,9 +11,10 @@ from sqlalchemy import Row, bindparam, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from worker.crypto import SecretBox
-from worker.intake import FieldError, InvalidRequest, _Collector, normalize_address
+from worker.intake import _Collector, normalize_address
 from worker.smtp import TlsMode
 from worker.store.db import changed_rows
+from worker.store.errors import InvalidAccountSettings
 from worker.store.incidents import open_incident_id
 from worker.store.models import Account, Incident, MessageStatus, SmtpSlot, table
 from worker.store.models import Message as MessageRow
@@ -119,7 +120,7 @@ def _validate(changes: AccountChanges, existing: Account | None) -> None:
     if changes.smtp_username and any(c in changes.smtp_username for c in "\r\n\x00"):
         errors.add("username", "must not contain line breaks or NUL")
     if errors.errors:
-        raise InvalidRequest(errors.errors)
+        raise InvalidAccountSettings([(e.field, e.reason) for e in errors.errors])
 
 
 def save_account(
@@ -137,7 +138,7 @@ def save_account(
     (the next wake-up sends it) and its connection-cap slots are resized.
     """
     if not name or len(name) > 100 or any(c in name for c in "\r\n\x00"):
-        raise InvalidRequest([FieldError("name", "must be 1 to 100 printable characters")])
+        raise InvalidAccountSettings([("name", "must be 1 to 100 printable characters")])
     account = session.scalar(select(Account).where(Account.name == name).with_for_update())
     _validate(changes, account)
     created = account is None

@@ -11,3 +11,12 @@ class StoreError(Exception):
     """Base of the store's refusals; `field` is the request field at fault."""
 
     field: str = "request"
+
+
+class InvalidAccountSettings(StoreError):
+    """Account settings the store will not save; `errors` names each field and why."""
+
+    def __init__(self, errors: list[tuple[str, str]]) -> None:
+        self.errors = errors
+        self.field = errors[0][0] if errors else "account"
+        super().__init__("; ".join(f"{field}: {reason}" for field, reason in errors))
