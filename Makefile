@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-slow lint format demo bench clean
+.PHONY: run test test-slow lint format demo bench clean promtool
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,8 +16,13 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/outbox worker --beat
 
-test: $(STAMP)
+test: $(STAMP) promtool
 	$(BIN)/pytest -q --ignore=tests/faults
+
+# promtool for the alert-rule tests (deploy/prometheus): from Debian's package, when it is
+# missing and can be had (root, apt-get); otherwise those tests skip.
+promtool:
+	bash scripts/install-promtool.sh
 
 # The fault and load suite (kill -9, broker and database loss, 10,000 messages): slower,
 # run by CI after `make test`.

@@ -48,6 +48,29 @@ FINISHED_SERIES = (
 PENDING_VERDICTS = (NONE, *(v.value for v in Verdict if v is not Verdict.OK))
 
 
+#: Every sample name a scrape can carry (the sweeper's only once it has run): the alert
+#: rules and the dashboard under deploy/ may name only these (tests check both).
+SERVED = frozenset(
+    {
+        "outbox_up",
+        "outbox_scrape_duration_seconds",
+        "outbox_accounts",
+        "outbox_messages_pending",
+        "outbox_messages_pending_by_verdict",
+        "outbox_oldest_pending_seconds",
+        "outbox_messages_finished_total",
+        "outbox_attempts_total",
+        "outbox_incidents_open",
+        "outbox_incident_open_seconds",
+        "outbox_smtp_slots_in_use",
+        "outbox_drains_waiting",
+        "outbox_messages_past_grace",
+        "outbox_sweeper_last_run_timestamp_seconds",
+        "outbox_sweeper_last_run_duration_seconds",
+    }
+)
+
+
 @dataclass(frozen=True)
 class MetricsConfig:
     #: Accounts named per account-labelled metric (`worker.cardinality`).
