@@ -298,3 +298,17 @@ def test_drain_batch_out_of_range_is_refused(base_env, value, words):
     message = _refusal(base_env, OUTBOX_DRAIN_BATCH=value)
     assert "OUTBOX_DRAIN_BATCH" in message
     assert words in message
+
+
+# --- The metrics exporter ---------------------------------------------------------------
+
+
+def test_metrics_exporter_settings(base_env):
+    settings = _settings(base_env)
+    assert (settings.metrics_address, settings.metrics_port) == ("127.0.0.1", 9464)
+    assert settings.metrics_max_accounts == 200
+    # 0 names no account: every account-labelled metric is one `_other` series.
+    assert _settings(base_env, OUTBOX_METRICS_MAX_ACCOUNTS="0").metrics_max_accounts == 0
+    assert "OUTBOX_METRICS_MAX_ACCOUNTS" in _refusal(base_env, OUTBOX_METRICS_MAX_ACCOUNTS="-1")
+    assert "OUTBOX_METRICS_PORT" in _refusal(base_env, OUTBOX_METRICS_PORT="70000")
+    assert "OUTBOX_METRICS_PORT" in _refusal(base_env, OUTBOX_METRICS_PORT="http")
