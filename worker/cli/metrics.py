@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from worker.cli.common import Context, pass_ctx
+from worker.cli.common import Context, fail, pass_ctx
 
 
 @click.command("metrics")
@@ -38,12 +38,17 @@ def metrics_command(ctx: Context, host: str | None, port: int | None) -> None:
             settings.database_url, pool_size=2, max_overflow=2, connect_args={"connect_timeout": 5}
         )
     collector = OutboxCollector(db, MetricsConfig.from_settings(settings))
-    serve(
-        collector,
-        host=host or settings.metrics_address,
-        port=settings.metrics_port if port is None else port,
-        announce=lambda line: click.echo(line, err=True),
-    )
+    address = host or settings.metrics_address
+    listen_port = settings.metrics_port if port is None else port
+    try:
+        serve(
+            collector,
+            host=address,
+            port=listen_port,
+            announce=lambda line: click.echo(line, err=True),
+        )
+    except OSError as exc:  # the port is taken, or the address is not this host's
+        fail(f"cannot listen on {address}:{listen_port}: {exc.strerror or exc}")
 
 
 COMMANDS = [metrics_command]
