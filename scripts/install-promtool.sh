@@ -14,7 +14,7 @@ if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
 fi
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-chmod 755 "$work"  # apt downloads as its own user
+chmod 755 "$work" && chown _apt "$work" 2>/dev/null || true  # apt downloads as _apt
 cd "$work"
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
