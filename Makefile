@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-slow lint format demo bench clean system-deps
+.PHONY: run test test-slow lint format demo bench clean system-deps promtool
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/outbox worker --beat
 
-test: $(STAMP) system-deps
+test: $(STAMP) system-deps promtool
 	$(BIN)/pytest -q --ignore=tests/faults
 
 # Debian's Postfix, postgrey and Cyrus SASL for the real-relay tests
@@ -24,6 +24,11 @@ test: $(STAMP) system-deps
 # tests then skip) where they cannot be installed.
 system-deps:
 	scripts/install-system-deps.sh
+
+# promtool for the alert-rule tests (deploy/prometheus): from Debian's package, when it is
+# missing and can be had (root, apt-get); otherwise those tests skip.
+promtool:
+	bash scripts/install-promtool.sh
 
 # The fault and load suite (kill -9, broker and database loss, 10,000 messages): slower,
 # run by CI after `make test`.

@@ -149,6 +149,11 @@ class Settings:
     notify_timeout_s: float = 10.0
     log_json: bool = False
     var_dir: Path = DEFAULT_VAR_DIR
+    #: The exporter (`outbox metrics`) names at most this many accounts per metric; the
+    #: rest are summed up as `account="_other"` (Prometheus' cost grows with every series).
+    metrics_max_accounts: int = 200
+    metrics_address: str = "127.0.0.1"
+    metrics_port: int = 9464
 
     @property
     def is_embedded(self) -> bool:
@@ -260,6 +265,9 @@ class Settings:
             backup_timeout_s=_duration(env, "OUTBOX_BACKUP_TIMEOUT", 15.0),
             log_json=_bool(env, "OUTBOX_LOG_JSON"),
             var_dir=var_dir,
+            metrics_max_accounts=_int(env, "OUTBOX_METRICS_MAX_ACCOUNTS", 200, minimum=0),
+            metrics_address=(env.get("OUTBOX_METRICS_ADDRESS") or "").strip() or "127.0.0.1",
+            metrics_port=_int(env, "OUTBOX_METRICS_PORT", 9464, minimum=0),
         )
         settings._check_consistency()
         return settings
@@ -281,6 +289,8 @@ class Settings:
                 "consumer_timeout (30 min by default): a worker holds a countdown unacked "
                 "until it is due, and RabbitMQ closes the channel of a delivery held longer."
             )
+        if self.metrics_port > 65535:
+            raise SettingsError(f"OUTBOX_METRICS_PORT ({self.metrics_port}) is not a port.")
         if self.drain_batch > 1000:
             raise SettingsError(
                 f"OUTBOX_DRAIN_BATCH ({self.drain_batch}) must be at most 1000: a drain "

@@ -42,7 +42,17 @@ REDIS_TEST_DBS = range(1, 16)
 #: Reserved for the benchmark (bench/run.py).
 REDIS_BENCH_DB = 13
 
-TABLES = ("attempts", "attachments", "incidents", "smtp_slots", "messages", "accounts")
+TABLES = (
+    "attempts",
+    "attachments",
+    "incidents",
+    "smtp_slots",
+    "messages",
+    "accounts",
+    "metric_tallies",
+    "metric_marks",
+    "maintenance_runs",
+)
 
 
 @pytest.fixture(scope="session")

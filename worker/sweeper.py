@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from worker.clock import Clock, utcnow
 from worker.store.db import Database
+from worker.store.metrics import SWEEPER, note_run
 from worker.store.sweep import SweepBatch, sweep_accounts, sweep_messages
 
 
@@ -33,7 +34,16 @@ class Sweeper:
         self.clock = clock
 
     def run(self) -> Iterator[SweepBatch]:
-        """Yield batches after their transaction commits (publish wake-ups after commit)."""
+        """Yield batches after their transaction commits (publish wake-ups after commit).
+
+        A run that went through to the end is recorded (`outbox_sweeper_last_run_*`: a
+        sweeper that stopped running shows there)."""
+        started = self.clock()
+        yield from self._batches()
+        with self.db.session() as session:
+            note_run(session, SWEEPER, started_at=started, finished_at=self.clock())
+
+    def _batches(self) -> Iterator[SweepBatch]:
         freed: set[int] = set()
         for _ in range(self.config.max_batches):
             with self.db.session() as session:

@@ -1,20 +1,25 @@
 """The deployment files say what the code needs: every queue consumed, one beat, Redis
 that neither forgets nor evicts, Flower behind a password, configuration from the
-environment only."""
+environment only, an exporter whose alert rules and dashboard name only what it serves."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shlex
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from worker.contract import QUEUES
+from worker.metrics import SERVED
 
 REPO = Path(__file__).resolve().parents[2]
-APP_SERVICES = ("migrate", "worker", "beat", "flower")
+APP_SERVICES = ("migrate", "worker", "beat", "flower", "metrics")
 #: Variable names whose values are secrets: only ever `${...}` in the compose file.
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|API_KEY|AUTH")
 
@@ -43,13 +48,16 @@ def _option(argv: list[str], *names: str) -> str:
     raise AssertionError(f"none of {names} in {argv}")
 
 
-def test_procfile_has_release_worker_beat_and_flower() -> None:
+def test_procfile_has_release_worker_beat_flower_and_metrics() -> None:
     processes = procfile()
-    assert set(processes) == {"release", "worker", "beat", "flower"}
+    assert set(processes) == {"release", "worker", "beat", "flower", "metrics"}
     assert processes["release"] == ["outbox", "db", "upgrade"]
     assert processes["flower"][:2] == ["outbox", "flower"]
     assert _option(processes["flower"], "--address") == "0.0.0.0"
     assert _option(processes["flower"], "--port") == "$PORT"
+    assert processes["metrics"][:2] == ["outbox", "metrics"]
+    assert _option(processes["metrics"], "--host") == "0.0.0.0"
+    assert _option(processes["metrics"], "--port") == "9464"
 
 
 def test_procfile_worker_consumes_every_queue_with_events() -> None:
@@ -144,6 +152,20 @@ def test_flower_requires_its_password(compose: dict[str, Any]) -> None:
     assert "/healthcheck" in " ".join(flower["healthcheck"]["test"])
 
 
+def test_metrics_exporter_listens_on_its_port_after_the_migration(compose: dict[str, Any]) -> None:
+    metrics = compose["services"]["metrics"]
+    argv = _argv(metrics)
+    assert argv[:2] == ["outbox", "metrics"]
+    assert _option(argv, "--host") == "0.0.0.0"
+    assert _option(argv, "--port") == "9464"
+    assert any(str(port).endswith(":9464") for port in metrics["ports"])
+    assert "/metrics" in " ".join(metrics["healthcheck"]["test"])
+    assert metrics["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    assert metrics["environment"]["OUTBOX_METRICS_MAX_ACCOUNTS"].startswith(
+        "${OUTBOX_METRICS_MAX_ACCOUNTS:-"
+    )
+
+
 def test_everything_is_configured_from_the_environment(compose: dict[str, Any]) -> None:
     services = compose["services"]
     for name in APP_SERVICES:
@@ -183,7 +205,7 @@ def test_the_rabbitmq_variant_moves_every_process_to_one_durable_rabbitmq() -> N
     assert any(v.endswith(":/var/lib/rabbitmq") for v in rabbit["volumes"])
     assert rabbit["hostname"]  # a fixed node name keeps the same data directory
     assert "${RABBITMQ_PASSWORD" in rabbit["environment"]["RABBITMQ_DEFAULT_PASS"]
-    for name in APP_SERVICES:
+    for name in ("migrate", "worker", "beat", "flower"):  # the exporter needs no broker
         env = services[name]["environment"]
         assert env["OUTBOX_BROKER_URL"].startswith("amqp://"), name
         assert "${RABBITMQ_PASSWORD" in env["OUTBOX_BROKER_URL"]
@@ -191,3 +213,113 @@ def test_the_rabbitmq_variant_moves_every_process_to_one_durable_rabbitmq() -> N
         assert env["OUTBOX_RESULT_BACKEND"].startswith("redis://"), name
     for name in ("worker", "beat", "flower"):
         assert services[name]["depends_on"]["rabbitmq"]["condition"] == "service_healthy"
+
+
+# -- deploy/: Prometheus alert rules, Grafana dashboard -----------------------------------
+
+ALERTS = REPO / "deploy" / "prometheus" / "alerts.yml"
+ALERT_TESTS = REPO / "deploy" / "prometheus" / "alerts.test.yml"
+DASHBOARD = REPO / "deploy" / "grafana" / "outbox.json"
+#: What the issue asks the rules to watch, by alert name.
+REQUIRED_ALERTS = {
+    "OutboxOldestPendingTooOld",
+    "OutboxBackupShareHigh",
+    "OutboxIncidentOpenTooLong",
+    "OutboxSweeperNotRunning",
+}
+METRIC_NAME = re.compile(r"\boutbox_[a-z0-9_]+\b")
+
+
+def _metric_names(expr: str) -> set[str]:
+    return set(METRIC_NAME.findall(expr))
+
+
+@pytest.fixture(scope="module")
+def alert_rules() -> list[dict[str, Any]]:
+    yaml = pytest.importorskip("yaml")
+    groups = yaml.safe_load(ALERTS.read_text())["groups"]
+    return [rule for group in groups for rule in group["rules"]]
+
+
+def test_alert_rules_watch_what_the_issue_asks(alert_rules: list[dict[str, Any]]) -> None:
+    names = [rule["alert"] for rule in alert_rules]
+    assert len(names) == len(set(names)), "an alert name appears twice"
+    assert set(names) >= REQUIRED_ALERTS
+    for rule in alert_rules:
+        assert rule["labels"]["severity"] in {"warning", "critical"}, rule["alert"]
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"]
+        assert re.fullmatch(r"\d+[smh]", rule["for"]), rule["alert"]
+
+
+def test_alert_rules_name_only_metrics_the_exporter_serves(
+    alert_rules: list[dict[str, Any]],
+) -> None:
+    for rule in alert_rules:
+        names = _metric_names(rule["expr"])
+        assert names, f"{rule['alert']} watches no Outbox metric"
+        assert names <= SERVED, f"{rule['alert']}: {names - SERVED} are not served"
+
+
+def _promtool() -> str:
+    found = shutil.which("promtool")
+    if found is None:
+        message = "promtool is not installed: scripts/install-promtool.sh (Debian's prometheus)"
+        if os.environ.get("CI"):
+            pytest.fail(message)  # CI installs it: a missing one is a broken set-up
+        pytest.skip(message)
+    return found
+
+
+def test_alert_rules_load_in_promtool() -> None:
+    done = subprocess.run(
+        [_promtool(), "check", "rules", str(ALERTS)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SUCCESS" in done.stdout
+
+
+def test_alert_rules_fire_when_they_should_and_only_then() -> None:
+    """deploy/prometheus/alerts.test.yml: series over time, and the alerts expected."""
+    done = subprocess.run(
+        [_promtool(), "test", "rules", ALERT_TESTS.name],
+        cwd=ALERT_TESTS.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    tested = set(re.findall(r"alertname: (\w+)", ALERT_TESTS.read_text()))
+    yaml = pytest.importorskip("yaml")
+    groups = yaml.safe_load(ALERTS.read_text())["groups"]
+    assert tested == {rule["alert"] for group in groups for rule in group["rules"]}
+
+
+def _panels(panels: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for panel in panels:
+        out.append(panel)
+        out.extend(_panels(panel.get("panels", [])))
+    return out
+
+
+def test_dashboard_is_valid_json_naming_only_served_metrics() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert dashboard["uid"] and dashboard["title"]
+    panels = _panels(dashboard["panels"])
+    ids = [panel["id"] for panel in panels]
+    assert len(ids) == len(set(ids)), "two panels share an id"
+    named: set[str] = set()
+    for panel in panels:
+        if panel["type"] == "row":
+            continue
+        assert panel["targets"], f"panel {panel['title']!r} shows nothing"
+        for target in panel["targets"]:
+            names = _metric_names(target["expr"])
+            assert names, f"panel {panel['title']!r}: {target['expr']!r}"
+            assert names <= SERVED, f"panel {panel['title']!r}: {names - SERVED} are not served"
+            named |= names
+    for variable in dashboard["templating"]["list"]:
+        if variable["type"] == "query":
+            assert _metric_names(variable["definition"]) <= SERVED
+    # Every metric the exporter serves is on the dashboard somewhere.
+    assert named == SERVED, f"not on the dashboard: {SERVED - named}"

@@ -307,3 +307,17 @@ def test_a_countdown_longer_than_rabbitmqs_consumer_timeout_is_refused(base_env)
     assert "OUTBOX_COUNTDOWN_MAX" in message and "consumer_timeout" in message
     # On Redis the same wait is fine (its visibility timeout is an hour).
     assert _settings(base_env, OUTBOX_COUNTDOWN_MAX="45m").countdown_max_s == 2700
+
+
+# --- The metrics exporter ---------------------------------------------------------------
+
+
+def test_metrics_exporter_settings(base_env):
+    settings = _settings(base_env)
+    assert (settings.metrics_address, settings.metrics_port) == ("127.0.0.1", 9464)
+    assert settings.metrics_max_accounts == 200
+    # 0 names no account: every account-labelled metric is one `_other` series.
+    assert _settings(base_env, OUTBOX_METRICS_MAX_ACCOUNTS="0").metrics_max_accounts == 0
+    assert "OUTBOX_METRICS_MAX_ACCOUNTS" in _refusal(base_env, OUTBOX_METRICS_MAX_ACCOUNTS="-1")
+    assert "OUTBOX_METRICS_PORT" in _refusal(base_env, OUTBOX_METRICS_PORT="70000")
+    assert "OUTBOX_METRICS_PORT" in _refusal(base_env, OUTBOX_METRICS_PORT="http")

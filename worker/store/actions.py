@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from worker.decide import is_sent
 from worker.store.db import changed_rows
+from worker.store.metrics import tally_reopened
 from worker.store.models import Message as MessageRow
 from worker.store.models import MessageStatus
 
@@ -97,6 +98,8 @@ def _reopen_failed(session: Session, mid: int, *, now: datetime, window_s: float
     row = session.get(MessageRow, mid)
     if row is None or row.status != MessageStatus.FAILED.value:
         return None
+    # Its failure stays counted (the exporter's counters only go up).
+    tally_reopened(session, status=row.status, sent_via=row.sent_via, finished_at=row.finished_at)
     # Reopen with a fresh window; recipients already delivered stay delivered.
     row.delivered_to = {k: v for k, v in (row.delivered_to or {}).items() if is_sent(v)}
     row.status = PENDING

@@ -184,6 +184,14 @@ class Message(Base):
             postgresql_where=text("lease_token IS NOT NULL"),
             sqlite_where=text("lease_token IS NOT NULL"),
         ),
+        # Finishes in time order: the exporter's counters read only the recent ones
+        # (worker.store.metrics), and purge finds what is old enough without a table scan.
+        Index(
+            "ix_messages_finished_at",
+            "finished_at",
+            postgresql_where=text("finished_at IS NOT NULL"),
+            sqlite_where=text("finished_at IS NOT NULL"),
+        ),
         CheckConstraint("priority BETWEEN 0 AND 2", name="ck_messages_priority"),
     )
 
@@ -328,3 +336,38 @@ class SmtpSlot(Base):
     slot: Mapped[int] = mapped_column(Integer, primary_key=True)
     holder: Mapped[str | None] = mapped_column(String(255))
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class MetricTally(Base):
+    """Events already counted out of their tables, so the exporter's counters stay
+    monotonic and cheap: a counter is its tally plus the rows past its mark
+    (worker.store.metrics)."""
+
+    __tablename__ = "metric_tallies"
+
+    family: Mapped[str] = mapped_column(String(32), primary_key=True)
+    #: The label values, joined with "/" (e.g. "sent/smtp").
+    labels: Mapped[str] = mapped_column(String(200), primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class MetricMark(Base):
+    """How far a family's tally has counted its table."""
+
+    __tablename__ = "metric_marks"
+
+    family: Mapped[str] = mapped_column(String(32), primary_key=True)
+    #: Messages: every finish up to this `finished_at` is in the tally (None: none yet).
+    through_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: Attempts: every attempt up to this id is in the tally (None: none yet).
+    through_id: Mapped[int | None] = mapped_column(BigId)
+
+
+class MaintenanceRun(Base):
+    """The last completed run of a periodic task (the sweeper), for the exporter."""
+
+    __tablename__ = "maintenance_runs"
+
+    task: Mapped[str] = mapped_column(String(32), primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime] = mapped_column(UTCDateTime)

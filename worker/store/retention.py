@@ -1,4 +1,5 @@
-"""Retention: finished mail and its attempts are deleted in bounded batches."""
+"""Retention: finished mail and its attempts are deleted in bounded batches; the
+exporter's counters keep counting what was deleted (`store.metrics.tally_removed`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from datetime import datetime
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
+from worker.store.metrics import tally_removed
 from worker.store.models import AttachmentRow, Attempt, MessageStatus
 from worker.store.models import Message as MessageRow
 
@@ -36,6 +38,7 @@ def purge_batch(session: Session, *, cutoff: datetime, limit: int) -> int:
     )
     if not ids:
         return 0
+    tally_removed(session, ids)
     session.execute(delete(Attempt).where(Attempt.message_id.in_(ids)))
     session.execute(delete(AttachmentRow).where(AttachmentRow.message_id.in_(ids)))
     session.execute(delete(MessageRow).where(MessageRow.id.in_(ids)))
