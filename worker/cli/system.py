@@ -6,8 +6,18 @@ import sys
 from typing import Any
 
 import click
+from rich.markup import escape
 
-from worker.cli.common import Context, emit_json, fail, pairs, pass_ctx, table
+from worker.cli.common import (
+    EXIT_REFUSED,
+    Context,
+    emit_json,
+    err_console,
+    fail,
+    pairs,
+    pass_ctx,
+    table,
+)
 
 
 @click.group("db")
@@ -70,10 +80,11 @@ def worker_command(
     default=None,
     help="Where in the session the reply came.",
 )
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per reply.")
 def explain(replies: tuple[str, ...], stage: str | None, as_json: bool) -> None:
-    """Explain SMTP replies in plain words (arguments, or one per line on stdin)."""
-    from worker.replies import Stage, explain_text
+    """Explain SMTP replies and connection errors in plain words, as the engine decides
+    (arguments, or one per line on stdin). Exit code 1 if some text is neither."""
+    from worker.replies import NotAReply, Stage, explain_text
 
     texts = list(replies)
     if not texts:
@@ -82,12 +93,23 @@ def explain(replies: tuple[str, ...], stage: str | None, as_json: bool) -> None:
         texts = [line for line in sys.stdin.read().splitlines() if line.strip()]
     results: list[dict[str, Any]] = []
     for text in texts:
-        e = explain_text(text.replace("\\r\\n", "\n"), Stage(stage) if stage else None)
+        try:
+            e = explain_text(text.replace("\\r\\n", "\n"), Stage(stage) if stage else None)
+        except NotAReply as exc:
+            results.append({"reply": text, "error": str(exc)})
+            continue
         results.append({"reply": text, **e.as_dict()})
+    unknown = [r for r in results if "error" in r]
     if as_json:
         emit_json(results if len(results) > 1 else results[0])
+        if unknown:
+            sys.exit(EXIT_REFUSED)
         return
     for r in results:
+        if "error" in r:
+            err_console.print(f"[bold red]error:[/] {escape(r['error'])}", highlight=False)
+            click.echo()
+            continue
         pairs(
             r["reply"],
             [
@@ -100,6 +122,8 @@ def explain(replies: tuple[str, ...], stage: str | None, as_json: bool) -> None:
             ],
         )
         click.echo()
+    if unknown:
+        sys.exit(EXIT_REFUSED)
 
 
 @click.command("secret-key")
