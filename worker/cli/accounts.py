@@ -8,6 +8,7 @@ import click
 
 from worker.cli.common import (
     EXIT_REFUSED,
+    Column,
     Context,
     ago,
     emit_json,
@@ -15,6 +16,20 @@ from worker.cli.common import (
     pairs,
     pass_ctx,
     table,
+    wide_option,
+)
+
+#: `outbox account list`: a host:port is cut only past 30 characters; at 80 columns the
+#: last change, the From and the user give way first.
+ACCOUNT_COLUMNS = (
+    Column("name", min_width=8, max_width=30),
+    Column("server", min_width=30),
+    Column("tls"),
+    Column("user", min_width=8, max_width=24, drop=2),
+    Column("from", min_width=12, max_width=40, drop=3),
+    Column("conns", justify="right"),
+    Column("incident"),
+    Column("updated", drop=1),
 )
 
 
@@ -164,9 +179,10 @@ def account_show(ctx: Context, name: str, as_json: bool) -> None:
 
 
 @account_group.command("list")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="A JSON list, every setting in full.")
+@wide_option
 @pass_ctx
-def account_list(ctx: Context, as_json: bool) -> None:
+def account_list(ctx: Context, as_json: bool, wide: bool) -> None:
     """All accounts."""
     from sqlalchemy import select
 
@@ -195,7 +211,7 @@ def account_list(ctx: Context, as_json: bool) -> None:
         return
     table(
         "accounts",
-        ["name", "server", "tls", "user", "from", "conns", "incident", "updated"],
+        ACCOUNT_COLUMNS,
         [
             [
                 r["name"],
@@ -209,6 +225,7 @@ def account_list(ctx: Context, as_json: bool) -> None:
             ]
             for r in rows
         ],
+        wide=wide,
     )
 
 

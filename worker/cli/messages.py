@@ -11,6 +11,7 @@ from rich.progress import Progress
 
 from worker.cli.common import (
     EXIT_REFUSED,
+    Column,
     Context,
     ago,
     console,
@@ -20,6 +21,7 @@ from worker.cli.common import (
     parse_since,
     pass_ctx,
     table,
+    wide_option,
 )
 
 STATUSES = ["pending", "sent", "failed", "cancelled"]
@@ -140,11 +142,24 @@ def send(
         click.echo(accepted.id)
 
 
+#: `outbox show`'s attempts: at 80 columns the server's words get what is left.
+ATTEMPT_COLUMNS = (
+    Column("#", justify="right"),
+    Column("channel", drop=2),
+    Column("when"),
+    Column("outcome"),
+    Column("stage", drop=1),
+    Column("code"),
+    Column("server said", min_width=30),
+)
+
+
 @click.command("show")
 @click.argument("message_id", type=int)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="The story as one JSON object.")
+@wide_option
 @pass_ctx
-def show(ctx: Context, message_id: int, as_json: bool) -> None:
+def show(ctx: Context, message_id: int, as_json: bool, wide: bool) -> None:
     """The whole story of one email, in plain words."""
     from worker.store.reports import message_story
 
@@ -198,16 +213,15 @@ def show(ctx: Context, message_id: int, as_json: bool) -> None:
         rows.append(("reason", story["last_error"]))
     if story["account_incident"]:
         rows.append(("account", f"SMTP incident open: {story['account_incident']['reason']}"))
-    pairs(f"message {story['id']}", rows)
     for address, why_refused in story["refused"].items():
-        console.print(
-            f"  refused: {address}: {why_refused['meaning']} What to do: {why_refused['advice']}",
-            highlight=False,
+        rows.append(
+            ("refused", f"{address}: {why_refused['meaning']} What to do: {why_refused['advice']}")
         )
+    pairs(f"message {story['id']}", rows)
     if story["attempts"]:
         table(
             "attempts",
-            ["#", "channel", "when", "outcome", "stage", "code", "enhanced", "server said"],
+            ATTEMPT_COLUMNS,
             [
                 [
                     a["number"],
@@ -215,23 +229,44 @@ def show(ctx: Context, message_id: int, as_json: bool) -> None:
                     f"{a['started_at']:%H:%M:%S}",
                     a["outcome"],
                     a["stage"],
-                    a["code"],
-                    a["enhanced"],
+                    " ".join(str(part) for part in (a["code"], a["enhanced"]) if part),
                     (a["server_text"] or "")
                     + (f" [id {a['provider_message_id']}]" if a["provider_message_id"] else ""),
                 ]
                 for a in story["attempts"]
             ],
+            wide=wide,
         )
 
 
+#: `outbox list`: at 80 columns the creation time and the subject give way first.
+LIST_COLUMNS = (
+    Column("id", justify="right"),
+    Column("account", min_width=8, max_width=24),
+    Column("status"),
+    Column("to", min_width=14, max_width=40),
+    Column("subject", min_width=12, max_width=30, drop=2),
+    Column("created", drop=1),
+    Column("tries", justify="right"),
+    Column("next"),
+    Column("last error", min_width=18),
+)
+
+
 @click.command("list")
-@click.option("--status", type=click.Choice(STATUSES))
-@click.option("--account")
+@click.option("--status", type=click.Choice(STATUSES), help="Only messages in this state.")
+@click.option("--account", help="Only this account's messages.")
 @click.option("--since", help="Created in the last 30m / 2h / 7d, or since an ISO date.")
 @click.option("--reason", type=click.Choice(VERDICTS), help="Last failure's verdict.")
-@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
+@click.option(
+    "--limit",
+    type=click.IntRange(1, 10_000),
+    default=50,
+    show_default=True,
+    help="At most this many messages, newest first.",
+)
+@click.option("--json", "as_json", is_flag=True, help="A JSON list, every field in full.")
+@wide_option
 @pass_ctx
 def list_(
     ctx: Context,
@@ -241,6 +276,7 @@ def list_(
     reason: str | None,
     limit: int,
     as_json: bool,
+    wide: bool,
 ) -> None:
     """Messages, newest first."""
     from worker.store.reports import list_messages
@@ -260,7 +296,7 @@ def list_(
     now = datetime.now(UTC)
     table(
         f"{len(rows)} message(s)",
-        ["id", "account", "status", "to", "subject", "created", "tries", "next", "last error"],
+        LIST_COLUMNS,
         [
             [
                 r["id"],
@@ -268,15 +304,16 @@ def list_(
                 r["status"]
                 + (" (backup)" if r["sent_via"] == "backup" else "")
                 + (f" ({r['priority']})" if r["priority"] != "normal" else ""),
-                ", ".join(r["to"])[:40],
-                (r["subject"] or "")[:30],
+                ", ".join(r["to"]),
+                r["subject"],
                 ago(r["created_at"], now),
                 r["attempts"],
                 ago(r["next_attempt_at"], now),
-                (r["last_error"] or "")[:60] if r["status"] != "sent" else "",
+                r["last_error"] if r["status"] != "sent" else "",
             ]
             for r in rows
         ],
+        wide=wide,
     )
 
 
@@ -394,12 +431,28 @@ def cancel(
     _print_report(report, "cancelled", as_json)
 
 
+#: `outbox stats`: at 80 columns the headers shorten, the total and cancelled counts go.
+STATS_COLUMNS = (
+    Column("account", min_width=8, max_width=24),
+    Column("total", justify="right", drop=2),
+    Column("pending", justify="right"),
+    Column("sent", justify="right"),
+    Column("failed", justify="right"),
+    Column("cancelled", justify="right", drop=1),
+    Column("via backup", short="backup", justify="right"),
+    Column("fallback rate", short="fallback", justify="right"),
+    Column("oldest pending", short="oldest"),
+    Column("last verdicts", short="verdicts", min_width=16),
+)
+
+
 @click.command("stats")
-@click.option("--account")
+@click.option("--account", help="Only this account.")
 @click.option("--since", help="Created in the last 30m / 2h / 7d, or since an ISO date.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="A JSON list, one object per account.")
+@wide_option
 @pass_ctx
-def stats(ctx: Context, account: str | None, since: str | None, as_json: bool) -> None:
+def stats(ctx: Context, account: str | None, since: str | None, as_json: bool, wide: bool) -> None:
     """Per-account health: counts by status and verdict, oldest pending, fallback rate."""
     from worker.store.reports import stats as compute
 
@@ -410,18 +463,7 @@ def stats(ctx: Context, account: str | None, since: str | None, as_json: bool) -
         return
     table(
         "accounts",
-        [
-            "account",
-            "total",
-            "pending",
-            "sent",
-            "failed",
-            "cancelled",
-            "via backup",
-            "fallback rate",
-            "oldest pending",
-            "last verdicts",
-        ],
+        STATS_COLUMNS,
         [
             [
                 r["account"],
@@ -439,6 +481,7 @@ def stats(ctx: Context, account: str | None, since: str | None, as_json: bool) -
             ]
             for r in rows
         ],
+        wide=wide,
     )
 
 
