@@ -64,7 +64,7 @@ def account_group() -> None:
     default=None,
     help="The From domain is verified at the backup provider.",
 )
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="What changed, as JSON.")
 @pass_ctx
 def account_set(
     ctx: Context,
@@ -83,9 +83,10 @@ def account_set(
     backup_verified: bool | None,
     as_json: bool,
 ) -> None:
-    """Create account NAME, or change only the options given on an existing one.
+    """Create account NAME, or change only the options given.
 
-    Changing SMTP settings sends the account's pending mail at once.
+    Options not given keep their value. Changing SMTP settings sends the account's
+    pending mail at once.
     """
     from worker.intake import InvalidRequest
     from worker.store.accounts import AccountChanges, save_account
@@ -148,7 +149,7 @@ def account_set(
 
 @account_group.command("show")
 @click.argument("name")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Settings and health as JSON.")
 @pass_ctx
 def account_show(ctx: Context, name: str, as_json: bool) -> None:
     """Settings (never the password) and health of one account."""
@@ -231,10 +232,15 @@ def account_list(ctx: Context, as_json: bool, wide: bool) -> None:
 
 @account_group.command("test")
 @click.argument("name")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="The server's answer and verdict as JSON.")
 @pass_ctx
 def account_test(ctx: Context, name: str, as_json: bool) -> None:
-    """Connect, STARTTLS/TLS and AUTH with the account's settings; no mail is sent."""
+    """Check NAME's SMTP settings without sending mail.
+
+    Connects, then upgrades to TLS and logs in as the settings say (TLS unless --tls
+    none, AUTH only with a username), and says goodbye. Exit code 1 if any step fails,
+    with the server's answer explained.
+    """
     from worker.crypto import SecretKeyError
     from worker.delivery import DeliveryEngine, EngineConfig
     from worker.replies import classify

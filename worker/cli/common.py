@@ -49,6 +49,12 @@ class Context:
         if self._db is None:
             from worker.store.db import Database
 
+            if self.settings.database_url.startswith("sqlite"):
+                # The embedded database migrates itself, for read commands too: a new
+                # user's first `outbox account list` must not meet "no such table".
+                from worker.store import migrate
+
+                migrate.upgrade(self.settings.database_url)
             self._db = Database(self.settings.database_url)
         return self._db
 
@@ -57,7 +63,9 @@ class Context:
         if self._box is None:
             from worker.crypto import SecretBox
 
-            self._box = SecretBox(self.settings.secret_keys)
+            self._box = SecretBox(
+                self.settings.secret_keys, warning=self.settings.secret_key_warning
+            )
         return self._box
 
     def ensure_schema(self) -> None:

@@ -29,19 +29,36 @@ VERDICTS = ["retry", "account", "recipient", "message"]
 
 
 @click.command("send")
-@click.option("--account", required=True)
-@click.option("--to", "to", multiple=True, required=True)
-@click.option("--cc", multiple=True)
-@click.option("--bcc", multiple=True)
-@click.option("--reply-to")
+@click.option("--account", required=True, help="The account whose SMTP server sends it.")
+@click.option(
+    "--to", "to", multiple=True, required=True, help="A recipient, 'Name <addr>' too (repeatable)."
+)
+@click.option("--cc", multiple=True, help="A Cc recipient (repeatable).")
+@click.option("--bcc", multiple=True, help="A Bcc recipient (repeatable).")
+@click.option("--reply-to", help="Where replies go.")
 @click.option("--from", "from_addr", help="Overrides the account's default From.")
-@click.option("--subject", required=True)
-@click.option("--text")
-@click.option("--text-file", type=click.Path(exists=True, dir_okay=False))
-@click.option("--html-file", type=click.Path(exists=True, dir_okay=False))
-@click.option("--attach", multiple=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--subject", required=True, help="The subject line.")
+@click.option("--text", help="The plain-text body.")
+@click.option(
+    "--text-file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="The plain-text body, from a UTF-8 file.",
+)
+@click.option(
+    "--html-file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="An HTML body, from a UTF-8 file.",
+)
+@click.option(
+    "--attach",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="A file to attach (repeatable).",
+)
 @click.option("--header", "headers", multiple=True, help="'Name: value' (repeatable).")
-@click.option("--idempotency-key")
+@click.option(
+    "--idempotency-key", help="The same key for the same account sends the mail only once."
+)
 @click.option(
     "--priority",
     type=click.Choice(["high", "normal", "bulk"]),
@@ -51,7 +68,7 @@ VERDICTS = ["retry", "account", "recipient", "message"]
     "--send-at",
     help="Not before this ISO 8601 time with a zone, e.g. 2026-12-24T09:00:00+01:00.",
 )
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="The id as JSON, refusals field by field.")
 @pass_ctx
 def send(
     ctx: Context,
@@ -378,7 +395,7 @@ def _print_report(report, verb: str, as_json: bool) -> None:  # type: ignore[no-
 
 @click.command("retry")
 @click.argument("ids", nargs=-1, type=int)
-@click.option("--account")
+@click.option("--account", help="Every message of this account instead of IDS.")
 @click.option(
     "--status",
     type=click.Choice(["pending", "failed"]),
@@ -386,8 +403,8 @@ def _print_report(report, verb: str, as_json: bool) -> None:  # type: ignore[no-
     help="With --account: which messages (default: pending).",
 )
 @click.option("--yes", is_flag=True, help="Confirm a bulk retry.")
-@click.option("--dry-run", is_flag=True)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--dry-run", is_flag=True, help="Only say which messages it would retry.")
+@click.option("--json", "as_json", is_flag=True, help="What was done and refused, as JSON.")
 @pass_ctx
 def retry(
     ctx: Context,
@@ -398,7 +415,11 @@ def retry(
     dry_run: bool,
     as_json: bool,
 ) -> None:
-    """Try now, whatever the schedule; a failed message is reopened with a fresh window."""
+    """Try now, whatever the schedule.
+
+    A failed message is reopened with a fresh retry window; sent or cancelled ones are
+    refused with the reason.
+    """
     from worker.operator import Operator
 
     targets = _select_targets(ctx, ids, account, (status or "pending",))
@@ -412,10 +433,10 @@ def retry(
 
 @click.command("cancel")
 @click.argument("ids", nargs=-1, type=int)
-@click.option("--account")
+@click.option("--account", help="Every pending message of this account instead of IDS.")
 @click.option("--yes", is_flag=True, help="Confirm a bulk cancel.")
-@click.option("--dry-run", is_flag=True)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--dry-run", is_flag=True, help="Only say which messages it would cancel.")
+@click.option("--json", "as_json", is_flag=True, help="What was done and refused, as JSON.")
 @pass_ctx
 def cancel(
     ctx: Context, ids: tuple[int, ...], account: str | None, yes: bool, dry_run: bool, as_json: bool
@@ -453,7 +474,11 @@ STATS_COLUMNS = (
 @wide_option
 @pass_ctx
 def stats(ctx: Context, account: str | None, since: str | None, as_json: bool, wide: bool) -> None:
-    """Per-account health: counts by status and verdict, oldest pending, fallback rate."""
+    """Per-account health of the mail.
+
+    Counts by status and by last verdict, the oldest pending message, the share sent
+    through the backup provider.
+    """
     from worker.store.reports import stats as compute
 
     with ctx.db.session() as session:
@@ -487,12 +512,15 @@ def stats(ctx: Context, account: str | None, since: str | None, as_json: bool, w
 
 @click.command("purge")
 @click.option("--older-than", required=True, help="Finished more than this long ago (30d).")
-@click.option("--yes", is_flag=True)
-@click.option("--dry-run", is_flag=True)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--yes", is_flag=True, help="Confirm: without it, only say how many.")
+@click.option("--dry-run", is_flag=True, help="Only say how many it would delete.")
+@click.option("--json", "as_json", is_flag=True, help="The count as JSON.")
 @pass_ctx
 def purge(ctx: Context, older_than: str, yes: bool, dry_run: bool, as_json: bool) -> None:
-    """Delete finished mail (sent, failed, cancelled) and its attempts, in batches."""
+    """Delete finished mail and its attempts.
+
+    Finished: sent, failed or cancelled. Deleted in batches, with a progress bar.
+    """
     from config.settings import SettingsError, parse_duration
     from worker.store.retention import count_purgeable, purge_batch
 
