@@ -6,15 +6,12 @@ Every other module receives a `Settings` (or the values it needs); nothing else 
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-
-log = logging.getLogger(__name__)
 
 #: Where the embedded defaults keep their files (SQLite database, broker, dev key).
 DEFAULT_VAR_DIR = Path("var")
@@ -154,6 +151,18 @@ class Settings:
     metrics_max_accounts: int = 200
     metrics_address: str = "127.0.0.1"
     metrics_port: int = 9464
+
+    @property
+    def secret_key_warning(self) -> str | None:
+        """What to warn of when a stored password is encrypted or decrypted with the
+        generated development key; None with OUTBOX_SECRET_KEY set. Said there, not
+        here: most commands never touch a password."""
+        if not self.secret_key_is_generated:
+            return None
+        return (
+            f"OUTBOX_SECRET_KEY is not set: using the development key in "
+            f"{self.var_dir / 'secret.key'}. Set OUTBOX_SECRET_KEY in production."
+        )
 
     @property
     def is_embedded(self) -> bool:
@@ -323,11 +332,6 @@ def _development_key(var_dir: Path) -> str:
         key = Fernet.generate_key().decode()
         path.touch(mode=0o600)
         path.write_text(key + "\n")
-    log.warning(
-        "OUTBOX_SECRET_KEY is not set: using the development key in %s. "
-        "Set OUTBOX_SECRET_KEY in production.",
-        path,
-    )
     return key
 
 

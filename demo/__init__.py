@@ -44,6 +44,8 @@ from rich.text import Text
 
 from standins.provider import ProviderStub
 from standins.smtp import ScriptedSMTPServer
+from worker.cli import tables
+from worker.cli.tables import Column
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -375,28 +377,46 @@ def next_try(story: Mapping[str, Any], now: datetime) -> str:
     return f"in {wait:.0f}s" if wait >= 0.5 else "due"
 
 
+#: The live table: at 80 columns the account gives way and the why gets what is left.
+MESSAGE_COLUMNS = (
+    Column("id", justify="right"),
+    Column("account", drop=1),
+    Column("to", min_width=14, max_width=34),
+    Column("status"),
+    Column("tries", justify="right"),
+    Column("next"),
+    Column("why (last failure, in plain words)", short="why", min_width=28),
+)
+
+
+def smtp_tries(story: Mapping[str, Any]) -> int:
+    """SMTP attempts, as the story counts them (a backup delivery is not a try)."""
+    return sum(1 for a in story["attempts"] if a["channel"] == "smtp")
+
+
 def message_table(
-    stories: Mapping[int, Mapping[str, Any]], now: datetime, *, title: str | None = None
+    stories: Mapping[int, Mapping[str, Any]],
+    now: datetime,
+    *,
+    width: int,
+    title: str | None = None,
 ) -> Table:
-    table = Table(title=title, title_justify="left", header_style="bold", expand=True)
-    table.add_column("id", justify="right", no_wrap=True)
-    table.add_column("account", no_wrap=True)
-    table.add_column("to", overflow="fold", max_width=34)
-    table.add_column("status", no_wrap=True)
-    table.add_column("tries", justify="right", no_wrap=True)
-    table.add_column("next", no_wrap=True)
-    table.add_column("why (last failure, in plain words)", overflow="fold", ratio=1)
+    """One line per message, whatever the terminal's width (worker.cli.tables)."""
+    rows = []
     for mid, story in stories.items():
         label = status_label(story)
-        table.add_row(
-            str(mid),
-            story["account"],
-            ", ".join(story["to"]),
-            Text(label, style=STYLES.get(label, "")),
-            str(story["attempt_count"]),
-            next_try(story, now),
-            explanation(story),
+        rows.append(
+            [
+                str(mid),
+                story["account"],
+                ", ".join(story["to"]),
+                Text(label, style=STYLES.get(label, "")),
+                str(smtp_tries(story)),
+                next_try(story, now),
+                explanation(story),
+            ]
         )
+    table, _ = tables.build(title, MESSAGE_COLUMNS, rows, width=width, cut_note=None)
     return table
 
 
@@ -429,6 +449,7 @@ class Printer:
 def live_view(
     stories: Mapping[int, Mapping[str, Any]],
     *,
+    width: int,
     elapsed: float,
     window_ends: datetime,
     smtp_received: int,
@@ -444,7 +465,7 @@ def live_view(
         "\n",
         "  ".join(f"{label} {n}" for label, n in sorted(counts.items())),
     )
-    lines: list[RenderableType] = [header, message_table(stories, now)]
+    lines: list[RenderableType] = [header, message_table(stories, now, width=width)]
     for account, incident in incidents(stories).items():
         lines.append(
             Text.assemble(
@@ -565,6 +586,21 @@ def tell(story: Mapping[str, Any]) -> list[str]:
     else:
         lines.append(f"still {label.lower()} at the end: {explanation(story)}")
     return lines
+
+
+def headline(mid: int, scenario: Scenario, story: Mapping[str, Any], off: str | None) -> Text:
+    """A message's line in the report: how it ended, in its status's colour, and whether
+    that is what its script says. The outcome alone carries a colour: a mail that failed
+    as scripted gets no green check beside it."""
+    label = status_label(story)
+    return Text.assemble(
+        ("✗ " if off is not None else "", "bold red"),
+        f"#{mid} {scenario.account} → {', '.join(story['to'])} ",
+        (f"({scenario.plot})", "dim"),
+        ": ",
+        (label, STYLES.get(label, "")),
+        (", as scripted", "dim") if off is None else (", NOT as scripted", "bold red"),
+    )
 
 
 def check(scenario: Scenario, story: Mapping[str, Any]) -> str | None:
@@ -779,6 +815,7 @@ def watch(
     def view() -> Group:
         return live_view(
             stories,
+            width=out.console.width,
             elapsed=out.elapsed(),
             window_ends=window_ends,
             smtp_received=len(acme_server.messages),
@@ -788,11 +825,11 @@ def watch(
     def events() -> None:
         # Without a terminal: one line per change of status, and per incident.
         for mid, story in stories.items():
-            state = (status_label(story), story["attempt_count"])
+            state = (status_label(story), smtp_tries(story))
             if seen.get(mid, ("Pending", 0))[0] != state[0]:
                 out.stamp(
                     f"#{mid} {', '.join(story['to'])}: {state[0]} after {state[1]} "
-                    f"attempt(s). {explanation(story)}".rstrip()
+                    f"SMTP attempt(s). {explanation(story)}".rstrip()
                 )
             seen[mid] = state
         for account, incident in incidents(stories).items():
@@ -841,25 +878,21 @@ def report(
     worker_log: Path,
 ) -> bool:
     out.say()
-    out.console.print(message_table(stories, datetime.now(UTC), title=f"Final state ({finished})"))
+    out.console.print(
+        message_table(
+            stories,
+            datetime.now(UTC),
+            width=out.console.width,
+            title=f"Final state ({finished})",
+        )
+    )
     out.say()
     out.say("What happened:", style="bold")
     problems: list[str] = []
     for mid, scenario in ids.items():
         story = stories[mid]
         off = check(scenario, story)
-        label = status_label(story)
-        mark = Text("✓", style="green") if off is None else Text("✗", style="bold red")
-        out.console.print(
-            Text.assemble(
-                mark,
-                f" #{mid} {scenario.account} → {', '.join(story['to'])} ",
-                (f"({scenario.plot})", "dim"),
-                ": ",
-                (label, STYLES.get(label, "")),
-            ),
-            soft_wrap=True,
-        )
+        out.console.print(headline(mid, scenario, story, off), soft_wrap=True)
         for line in tell(story):
             out.say(f"     {line}")
         if off is not None:

@@ -42,7 +42,7 @@ class Runtime:
         # Every database call of a task is retried (autoretry, Database.run): ping only
         # connections that sat idle, not before each of a delivery's statements.
         self.db = Database(settings.database_url, ping_when_idle_s=WORKER_PING_WHEN_IDLE_S)
-        self.box = SecretBox(settings.secret_keys)
+        self.box = SecretBox(settings.secret_keys, warning=settings.secret_key_warning)
         # A drain's connection lives for the drain: nothing idles between drains.
         self.pool = SmtpConnectionPool(
             idle_s=settings.drain_seconds + settings.smtp_timeout_s,
@@ -124,6 +124,7 @@ class Runtime:
                 http=httpx.Client(timeout=self.settings.notify_timeout_s),
                 backup=self.backup_provider(),
                 backup_from=self.settings.backup_from,
+                backup_configured=self.settings.backup_provider is not None,
             )
         return self._notifier
 

@@ -176,15 +176,60 @@ def normalize_address(value: Any, name: str, errors: _Collector) -> str | None:
         errors.add(name, "is empty")
         return None
     try:
-        result = validate_email(
-            candidate, check_deliverability=False, allow_display_name=True, allow_smtputf8=True
-        )
+        display_name, address = parse_address(candidate)
     except EmailNotValidError as exc:
         errors.add(name, f"{candidate!r} is not a valid email address ({exc})")
         return None
-    if result.display_name:
-        return formataddr((result.display_name, result.normalized))
-    return result.normalized
+    if display_name:
+        return formataddr((display_name, address))
+    return address
+
+
+#: Special-use names (RFC 6761, 6762, 7686, 8375) that email-validator refuses because
+#: they are not globally routable, although a private relay is exactly where they are
+#: delivered: `user@corp.local`, `bob@shop.test`, `a@localhost`, `x@home.arpa`. Only the
+#: account's own relay can say whether such an address exists. Any other special-use
+#: name (`.invalid`, reserved never to resolve, and whatever email-validator adds) is
+#: still refused.
+RELAYED_SPECIAL_USE = frozenset({"arpa", "local", "localhost", "onion", "test"})
+
+#: A domain's last label at the end of an address, `Name <a@b.local>` included.
+_LAST_LABEL = re.compile(r"(?<=[@.])([A-Za-z]+)(>?)$")
+
+
+def parse_address(candidate: str) -> tuple[str | None, str]:
+    """`(display name, normalized address)` of any syntactically valid address, or
+    EmailNotValidError saying what is wrong.
+
+    Dotless domains (`a@localhost`, `bob@mailhost`) are valid SMTP (RFC 5321) and are
+    accepted; a domain ending in a number (`a@1.2.3.4`) is not a name and is refused.
+    email-validator has no per-call switch for its special-use list (changing the
+    module-wide list would change it for every library in the process), so a relayed
+    special-use last label is validated as a stand-in label of the same length (the
+    length limits stay exact) and put back into the result.
+    """
+    special = None
+    match = _LAST_LABEL.search(candidate)
+    if match and match.group(1).lower() in RELAYED_SPECIAL_USE:
+        special = match.group(1).lower()
+        stand_in = "x" * len(special)
+        candidate = candidate[: match.start(1)] + stand_in + match.group(2)
+    result = validate_email(
+        candidate,
+        check_deliverability=False,
+        globally_deliverable=False,
+        allow_display_name=True,
+        allow_smtputf8=True,
+    )
+    address = result.normalized
+    if special is not None:
+        address = address[: -len(special)] + special
+    last_label = address.rsplit("@", 1)[1].rsplit(".", 1)[-1]
+    if last_label.isdigit():
+        raise EmailNotValidError(
+            "The part after the @-sign ends in a number, so it is not a domain name."
+        )
+    return result.display_name or None, address
 
 
 def _address_list(

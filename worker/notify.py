@@ -38,7 +38,20 @@ class Notice:
     email: str | None
 
 
-def build_notice(session: Session, incident_id: int, kind: str) -> Notice | None:
+#: What a notice tells its account, as the log line says it.
+TOLD = {
+    "opened": "its SMTP server is failing",
+    "backup": "its mail goes out through the backup provider",
+    "recovered": "its SMTP server accepts mail again",
+}
+
+
+def build_notice(
+    session: Session, incident_id: int, kind: str, *, backup_configured: bool
+) -> Notice | None:
+    """The notice of one event of an incident. ``backup_configured``: whether mail past
+    the retry window goes to a backup provider (else it ends failed, and the notice
+    says so rather than promise a backup that does not exist)."""
     about = notice_subject(session, incident_id)
     if about is None:
         return None
@@ -74,7 +87,11 @@ def build_notice(session: Session, incident_id: int, kind: str) -> Notice | None
             f"What it means: {explanation.meaning}\n\nWhat to do: {explanation.advice}\n\n"
             f"{waiting} email(s) are waiting (shown as Pending). They will go out as soon as "
             "the settings are corrected; if they cannot be sent within the retry window, "
-            "they go out through Outbox's backup provider."
+            + (
+                "they go out through Outbox's backup provider."
+                if backup_configured
+                else "they end failed: no backup provider is configured to send them instead."
+            )
         )
     elif kind == "backup":
         subject = f"Outbox: mail for {account.name} is going out through the backup provider"
@@ -130,6 +147,7 @@ class Notifier:
         http: httpx.Client,
         backup: Any = None,
         backup_from: str | None = None,
+        backup_configured: bool | None = None,
         clock: Any = None,
     ) -> None:
         from worker.clock import utcnow
@@ -138,6 +156,10 @@ class Notifier:
         self.http = http
         self.backup = backup
         self.backup_from = backup_from
+        #: Whether mail past the window goes to a backup (default: a provider is given).
+        self.backup_configured = (
+            backup is not None if backup_configured is None else backup_configured
+        )
         self.clock = clock or utcnow
 
     def send(self, incident_id: int, kind: str) -> str:
@@ -146,19 +168,22 @@ class Notifier:
         with self.db.session() as session:
             if not claim_notice(session, incident_id, kind, now=self.clock()):
                 return "already sent"
-            notice = build_notice(session, incident_id, kind)
+            notice = build_notice(
+                session, incident_id, kind, backup_configured=self.backup_configured
+            )
         if notice is None:
             return "no such incident"
         try:
-            self._deliver(notice, incident_id)
+            how = self._deliver(notice, incident_id)
         except Exception as exc:
             with self.db.session() as session:
                 unclaim_notice(session, incident_id, kind)
             raise NoticeFailed(f"{kind} notice for {notice.account} failed: {exc}") from exc
         log.info(
-            "notice %s sent for account %s",
-            kind,
+            "account %s was told %s (%s)",
             notice.account,
+            TOLD[kind],
+            how,
             extra={
                 "event": "notice",
                 "kind": kind,
@@ -168,9 +193,12 @@ class Notifier:
         )
         return "sent"
 
-    def _deliver(self, notice: Notice, incident_id: int) -> None:
+    def _deliver(self, notice: Notice, incident_id: int) -> str:
+        """Send the notice every way the account has; says which ways, for the log."""
+        ways = []
         if notice.webhook:
             post_webhook(notice.webhook, notice.payload, client=self.http)
+            ways.append("by webhook")
         if notice.email:
             if self.backup is not None and self.backup_from:
                 from worker.backup import BackupOutcome
@@ -186,7 +214,9 @@ class Notifier:
                 )
                 if result.outcome is not BackupOutcome.SENT:
                     raise NoticeFailed(result.explanation)
+                ways.append(f"by email to {notice.email}")
             else:
+                ways.append("in this log: no backup provider to email it")
                 log.warning(
                     "notice for %s (to %s, no backup provider to email it): %s",
                     notice.account,
@@ -201,3 +231,5 @@ class Notifier:
                 notice.text,
                 extra={"event": "notice_logged", "account": notice.account},
             )
+            ways.append("in this log: no webhook or email configured")
+        return " and ".join(ways)

@@ -15,6 +15,7 @@ from worker import reply_codes
 from worker.reply_codes import (
     BASIC,
     CONNECTION,
+    CONNECTION_SIGNS,
     ENHANCED_DETAILS,
     ENHANCED_SUBJECTS,
     ERRNO_FAILURES,
@@ -32,11 +33,13 @@ from worker.reply_codes import (
 __all__ = [
     "ConnectionFailure",
     "Explanation",
+    "NotAReply",
     "Reply",
     "SMTPCode",
     "Stage",
     "Verdict",
     "classify",
+    "connection_failure",
     "connection_reply",
     "explain_text",
     "parse_reply",
@@ -155,13 +158,46 @@ def reply_from(code: int, text: str | bytes, stage: Stage | None = None) -> Repl
     return Reply(code=code, enhanced=enhanced, text=" ".join(lines).strip(), stage=stage)
 
 
+class NotAReply(ValueError):
+    """Text that is neither an SMTP reply nor a connection failure (``outbox explain
+    "hello"``): explaining it would only be a guess."""
+
+
+_SIGNS = tuple(
+    (ConnectionFailure(failure), frozenset(numbers), re.compile("|".join(patterns), re.IGNORECASE))
+    for failure, numbers, patterns in CONNECTION_SIGNS
+)
+_ERRNO_IN_TEXT = re.compile(r"\[Errno (-?\d+)\]")
+#: How `str(Reply)` writes a connection failure: "connection dns: smtp.x does not resolve".
+_RECORDED_FAILURE = re.compile(
+    r"^connection (" + "|".join(f.value for f in ConnectionFailure) + r"):\s*(.*)$", re.DOTALL
+)
+
+
+def connection_failure(text: str, errno: int | None = None) -> ConnectionFailure | None:
+    """Which connection failure a text (and errno) describes, by `CONNECTION_SIGNS`.
+
+    The engine asks this of an exception from socket/ssl, `outbox explain` of a pasted
+    line: one table, so both answer alike. None when no row knows the text.
+    """
+    if errno is None:
+        found = _ERRNO_IN_TEXT.search(text)
+        errno = int(found.group(1)) if found else None
+    for failure, numbers, pattern in _SIGNS:
+        if (errno is not None and errno in numbers) or pattern.search(text):
+            return failure
+    return None
+
+
 def parse_reply(raw: str, stage: Stage | None = None) -> Reply:
     """A Reply from raw server text, single or multiline (``550-5.1.1 ...\\r\\n550 5.1.1 ...``).
 
-    Text without a leading three-digit code yields ``code=None`` with the text kept.
-    A leading operating-system errno instead of a reply code (``111 Connection refused``,
-    as in the seed table) or an ``[Errno 111]`` in the text yields a connection-failure
-    Reply at the CONNECT stage.
+    Text without a leading three-digit code yields a connection-failure Reply at the
+    CONNECT stage when it reads like one (``[Errno 111] Connection refused``, ``timed
+    out``, the engine's own ``connection dns: ...``; see `connection_failure`), else
+    ``code=None`` with the text kept. A leading operating-system errno instead of a
+    reply code (``111 Connection refused``, as in the seed table) is a connection
+    failure too.
     """
     code: int | None = None
     texts: list[str] = []
@@ -175,11 +211,14 @@ def parse_reply(raw: str, stage: Stage | None = None) -> Reply:
         elif line:
             texts.append(line)
     if code is None:
-        errno = re.search(r"\[Errno (\d+)\]", raw)
-        if errno and int(errno.group(1)) in ERRNO_FAILURES:
-            failure = ConnectionFailure(ERRNO_FAILURES[int(errno.group(1))])
-            return connection_reply(failure, raw.strip())
-        return Reply(code=None, text=raw.strip(), stage=stage)
+        text = raw.strip()
+        recorded = _RECORDED_FAILURE.match(text)
+        if recorded:
+            return connection_reply(ConnectionFailure(recorded.group(1)), recorded.group(2))
+        failure = connection_failure(text)
+        if failure is not None:
+            return connection_reply(failure, text)
+        return Reply(code=None, text=text, stage=stage)
     if code in ERRNO_FAILURES:
         # SMTP has no 1xx replies: this is an errno that stood in for a reply code.
         failure = ConnectionFailure(ERRNO_FAILURES[code])
@@ -307,5 +346,21 @@ def classify(reply: Reply, stage: Stage | None = None) -> Explanation:
 
 
 def explain_text(raw: str, stage: Stage | None = None) -> Explanation:
-    """Parse raw server text and explain it: ``classify(parse_reply(raw, stage))``."""
-    return classify(parse_reply(raw, stage))
+    """Parse raw server text and explain it: ``classify(parse_reply(raw, stage))``.
+
+    Raises NotAReply for text that has no SMTP reply code (2xx to 5xx) and is no
+    connection failure `CONNECTION_SIGNS` knows: the engine never meets such a thing,
+    so any verdict would be made up.
+    """
+    reply = parse_reply(raw, stage)
+    if reply.code is None and reply.failure is None:
+        raise NotAReply(
+            f"{raw.strip()!r} is not an SMTP reply: a reply starts with a three-digit code "
+            "(550 5.1.1 ...), and no known connection error (refused, timed out, name not "
+            "known, certificate verify failed...) reads like it."
+        )
+    if reply.code is not None and not 200 <= reply.code < 600:
+        raise NotAReply(
+            f"{raw.strip()!r} is not an SMTP reply: SMTP reply codes run from 200 to 599."
+        )
+    return classify(reply)

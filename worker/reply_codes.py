@@ -978,14 +978,98 @@ CONNECTION: dict[str, Info] = {
     ),
 }
 
-#: Operating-system errno values that show up where a reply code is expected (the seed
-#: table lists 101 and 111 as if they were SMTP codes). Linux numbering.
+#: How each connection failure is worded: by the operating system and Python's socket,
+#: ssl and smtplib modules (what the engine meets as exceptions, worker.smtp), and by
+#: the engine itself in the replies it records (what logs, `outbox show` and notices
+#: print). One table for both sides: the engine classifies an exception by it, and
+#: `outbox explain` a pasted text, so they always agree. Rows in order, the first that
+#: matches wins: (failure, errno values, patterns, case-insensitive). Errno values use
+#: Linux numbering (as the seed table and the hosts Outbox runs on); getaddrinfo's are
+#: negative.
+CONNECTION_SIGNS: tuple[tuple[str, tuple[int, ...], tuple[str, ...]], ...] = (
+    (
+        "certificate",
+        (),
+        (
+            r"CERTIFICATE_VERIFY_FAILED",
+            r"certificate verify failed",
+            r"presented a certificate that is not trusted",
+            r"CA certificate \(PEM\) could not be loaded",
+        ),
+    ),
+    (
+        "tls",
+        (),
+        (
+            r"\[SSL(?::\s*\w+)?\]",  # ssl.SSLError: "[SSL: WRONG_VERSION_NUMBER] ..."
+            r"\bTLS with \S+ failed",
+            r"does not offer STARTTLS",
+            r"STARTTLS extension not supported",
+            r"TLS/SSL connection has been closed",
+        ),
+    ),
+    (
+        "dns",
+        # EAI_NONAME, EAI_AGAIN, EAI_FAIL, EAI_NODATA, EAI_SERVICE, EAI_ADDRFAMILY
+        (-2, -3, -4, -5, -8, -9),
+        (
+            r"Name or service not known",
+            r"nodename nor servname provided",
+            r"Temporary failure in name resolution",
+            r"No address associated with hostname",
+            r"Non-recoverable failure in name resolution",
+            r"getaddrinfo failed",
+            r"\bdoes not resolve\b",
+        ),
+    ),
+    (
+        "refused",
+        (111,),  # ECONNREFUSED
+        (r"Connection refused", r"refused the connection", r"actively refused"),
+    ),
+    (
+        "unreachable",
+        (100, 101, 112, 113),  # ENETDOWN, ENETUNREACH, EHOSTDOWN, EHOSTUNREACH
+        (
+            r"Network is unreachable",
+            r"No route to host",
+            r"Network is down",
+            r"Host is down",
+            r"\bis unreachable\b",
+        ),
+    ),
+    (
+        "timeout",
+        (110,),  # ETIMEDOUT
+        (r"\btimed out\b", r"did not answer within"),
+    ),
+    (
+        "dropped",
+        (32, 103, 104),  # EPIPE, ECONNABORTED, ECONNRESET
+        (
+            r"Connection reset by peer",
+            r"Broken pipe",
+            r"Connection unexpectedly closed",
+            r"closed the connection unexpectedly",
+            r"Connection aborted",
+            r"forcibly closed",
+        ),
+    ),
+    (
+        "unsupported",
+        (),
+        (
+            r"does not offer AUTH",
+            r"no AUTH mechanism in common",
+            r"does not offer SMTPUTF8",
+        ),
+    ),
+)
+
+#: Errno values that show up where a reply code is expected (the seed table lists 101
+#: and 111 as if they were SMTP codes), or as ``[Errno N]`` in a text.
 ERRNO_FAILURES: dict[int, str] = {
-    101: "unreachable",  # ENETUNREACH
-    104: "dropped",  # ECONNRESET
-    110: "timeout",  # ETIMEDOUT
-    111: "refused",  # ECONNREFUSED
-    113: "unreachable",  # EHOSTUNREACH
+    number: failure for failure, numbers, _ in CONNECTION_SIGNS for number in numbers
 }
 
 

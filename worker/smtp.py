@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from worker.replies import ConnectionFailure, Reply, Stage, reply_from
+from worker.replies import ConnectionFailure, Reply, Stage, connection_failure, reply_from
 
 __all__ = ["SendResult", "SmtpAccount", "SmtpConnectionPool", "TlsMode"]
 
@@ -620,7 +620,13 @@ def _scrub(text: str, account: SmtpAccount) -> str:
 
 
 def _classify(exc: BaseException, stage: Stage) -> ConnectionFailure:
-    """Which connection-level failure an exception from smtplib/socket/ssl is."""
+    """Which connection-level failure an exception from smtplib/socket/ssl is.
+
+    An OSError (socket, ssl) is read by its errno and words through the table
+    `outbox explain` reads too (`worker.replies.connection_failure`), so an error
+    pasted from the logs is explained as the engine decided; its type decides only
+    what the table does not know.
+    """
     if isinstance(exc, smtplib.SMTPServerDisconnected):
         # smtplib turns every OSError while sending or reading a reply (including
         # a timeout) into SMTPServerDisconnected; the original is the context.
@@ -628,6 +634,12 @@ def _classify(exc: BaseException, stage: Stage) -> ConnectionFailure:
         if isinstance(cause, TimeoutError):
             return ConnectionFailure.TIMEOUT
         return ConnectionFailure.DROPPED
+    if isinstance(exc, OSError):
+        # An SSLError's errno is an SSL_ERROR_* number, not an operating-system one.
+        number = None if isinstance(exc, ssl.SSLError) else exc.errno
+        known = connection_failure(str(exc), number)
+        if known is not None:
+            return known
     if isinstance(exc, ssl.SSLCertVerificationError):
         return ConnectionFailure.CERTIFICATE
     if isinstance(exc, ssl.SSLError):

@@ -172,8 +172,10 @@ BAD_ADDRESSES = [
     "bob@@example.com",
     "bob@",
     "@example.com",
-    "bob@example",
-    "bob@localhost",
+    # Not here: dotless and special-use domains (bob@mailhost, bob@localhost,
+    # bob@corp.local): valid SMTP, and only the account's relay knows if they exist.
+    "bob@example.invalid",
+    "bob@1.2.3.4",
     "bob@exa mple.com",
     "bob..x@example.com",
     ".bob@example.com",

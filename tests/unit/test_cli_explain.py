@@ -58,3 +58,34 @@ def test_explain_multiline_reply_and_stage():
     )
     data = json.loads(result.output)
     assert data["enhanced"] == "5.1.1" and data["verdict"] == "recipient"
+
+
+def test_explain_of_text_that_is_no_reply_says_so_and_exits_1():
+    result = CliRunner().invoke(main, ["explain", "hello"])
+    assert result.exit_code == 1
+    said = " ".join(result.output.split())
+    assert "'hello' is not an SMTP reply" in said
+    assert "will retry" not in said and "verdict" not in said
+
+
+def test_explain_json_of_several_marks_the_one_that_is_no_reply():
+    result = CliRunner().invoke(main, ["explain", "--json", "451 4.7.1 Greylisted", "hello"])
+    assert result.exit_code == 1
+    first, second = json.loads(result.output)
+    assert first["verdict"] == "retry"
+    assert set(second) == {"reply", "error"} and "not an SMTP reply" in second["error"]
+
+
+def test_explain_answers_connection_errors_from_the_logs_as_the_engine_does():
+    texts = {
+        "[Errno -2] Name or service not known": "account",
+        "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed": "account",
+        "[Errno 111] Connection refused": "account",
+        "Connection reset by peer": "retry",
+        "timed out": "retry",
+    }
+    result = CliRunner().invoke(main, ["explain", "--json", *texts])
+    assert result.exit_code == 0, result.output
+    assert [r["verdict"] for r in json.loads(result.output)] == list(texts.values())
+    dns = CliRunner().invoke(main, ["explain", "[Errno -2] Name or service not known"])
+    assert "does not exist in DNS" in " ".join(dns.output.split())

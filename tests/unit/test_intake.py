@@ -283,17 +283,71 @@ def test_account_name_with_line_break_or_too_long_is_refused():
 
 @pytest.mark.parametrize(
     "address",
-    ["bob", "bob@", "@example.com", "bob@@example.com", "bob@host.test", "bob@localhost", "   "],
+    [
+        "bob",
+        "bob@",
+        "@example.com",
+        "bob@@example.com",
+        "bob@host.invalid",  # reserved never to exist (RFC 6761)
+        "bob@invalid",
+        "bob@1.2.3.4",  # not a domain name
+        "bob@[127.0.0.1]",
+        "bob@.local",
+        "bob@corp..local",
+        "bob@corp.local.",
+        "bob smith@corp.local",
+        "   ",
+    ],
 )
 def test_invalid_addresses_are_refused(address):
     error = _refusal(_request(to=["ok@example.com", address]))
     assert [e.field for e in error.errors] == ["to[1]"]
 
 
-def test_special_use_domain_is_refused_with_the_address_in_the_reason():
-    error = _refusal(_request(to=["bob@host.test"]))
+def test_a_reserved_domain_is_refused_with_the_address_in_the_reason():
+    error = _refusal(_request(to=["bob@host.invalid"]))
     assert error.errors[0].field == "to[0]"
-    assert "'bob@host.test' is not a valid email address" in error.errors[0].reason
+    assert "'bob@host.invalid' is not a valid email address" in error.errors[0].reason
+    assert "special-use or reserved name" in error.errors[0].reason
+
+
+@pytest.mark.parametrize(
+    ("address", "stored"),
+    [
+        ("user@corp.local", "user@corp.local"),
+        ("bob@shop.test", "bob@shop.test"),
+        ("x@host.internal", "x@host.internal"),
+        ("a@localhost", "a@localhost"),
+        ("ops@mailhost", "ops@mailhost"),  # a dotless name, valid SMTP
+        ("nas@home.arpa", "nas@home.arpa"),
+        ("Bob <Bob@Shop.TEST>", "Bob <Bob@shop.test>"),
+        ("jörg@exämple.test", "jörg@exämple.test"),
+    ],
+)
+def test_special_use_and_internal_domains_are_accepted_for_the_account_relay(address, stored):
+    # Only the account's own relay can say whether such an address exists.
+    request = validate_request(
+        _request(to=[address], cc=[address.replace("@", "+cc@", 1)]), limits=LIMITS
+    )
+    assert request.to == (stored,)
+
+
+def test_special_use_domains_are_accepted_as_sender_and_reply_to():
+    request = validate_request(
+        _request(from_addr="Shop <shop@corp.local>", reply_to="help@shop.test"), limits=LIMITS
+    )
+    assert (request.from_addr, request.reply_to) == ("Shop <shop@corp.local>", "help@shop.test")
+
+
+def test_a_special_use_domain_keeps_the_length_limit_of_the_address():
+    # At most 254 characters in all (RFC 5321 + errata), whatever the domain.
+    def address(total: int) -> str:
+        domain = f"{'b' * 63}.{'c' * 63}.{'d' * (total - 64 - 1 - 134)}.local"
+        return f"{'a' * 64}@{domain}"
+
+    assert len(address(254)) == 254
+    assert validate_request(_request(to=[address(254)]), limits=LIMITS).to == (address(254),)
+    assert _fields(_request(to=[address(255)])) == ["to[0]"]
 
 
 def test_too_many_recipients_across_to_cc_bcc_is_refused():
@@ -433,7 +487,7 @@ def test_every_bad_field_is_reported_at_once():
 
 
 def test_as_dict_has_error_message_and_fields():
-    error = _refusal(_request(subject=_DROP, to=["bob@host.test"]))
+    error = _refusal(_request(subject=_DROP, to=["bob@host.invalid"]))
     data = error.as_dict()
     assert set(data) == {"error", "message", "fields"}
     assert data["error"] == "invalid_request"

@@ -8,6 +8,7 @@ from worker.cli import accounts, messages, metrics, system
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="outbox", prog_name="outbox", message="%(prog)s %(version)s")
 def main() -> None:
     """Outbox: every accepted email reaches its recipient or ends with an honest reason."""
 

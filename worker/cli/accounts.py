@@ -8,6 +8,7 @@ import click
 
 from worker.cli.common import (
     EXIT_REFUSED,
+    Column,
     Context,
     ago,
     emit_json,
@@ -15,6 +16,20 @@ from worker.cli.common import (
     pairs,
     pass_ctx,
     table,
+    wide_option,
+)
+
+#: `outbox account list`: a host:port is cut only past 30 characters; at 80 columns the
+#: last change, the From and the user give way first.
+ACCOUNT_COLUMNS = (
+    Column("name", min_width=8, max_width=30),
+    Column("server", min_width=30),
+    Column("tls"),
+    Column("user", min_width=8, max_width=24, drop=2),
+    Column("from", min_width=12, max_width=40, drop=3),
+    Column("conns", justify="right"),
+    Column("incident"),
+    Column("updated", drop=1),
 )
 
 
@@ -49,7 +64,7 @@ def account_group() -> None:
     default=None,
     help="The From domain is verified at the backup provider.",
 )
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="What changed, as JSON.")
 @pass_ctx
 def account_set(
     ctx: Context,
@@ -68,9 +83,10 @@ def account_set(
     backup_verified: bool | None,
     as_json: bool,
 ) -> None:
-    """Create account NAME, or change only the options given on an existing one.
+    """Create account NAME, or change only the options given.
 
-    Changing SMTP settings sends the account's pending mail at once.
+    Options not given keep their value. Changing SMTP settings sends the account's
+    pending mail at once.
     """
     from worker.store.accounts import AccountChanges, save_account
     from worker.store.errors import InvalidAccountSettings
@@ -133,7 +149,7 @@ def account_set(
 
 @account_group.command("show")
 @click.argument("name")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Settings and health as JSON.")
 @pass_ctx
 def account_show(ctx: Context, name: str, as_json: bool) -> None:
     """Settings (never the password) and health of one account."""
@@ -164,9 +180,10 @@ def account_show(ctx: Context, name: str, as_json: bool) -> None:
 
 
 @account_group.command("list")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="A JSON list, every setting in full.")
+@wide_option
 @pass_ctx
-def account_list(ctx: Context, as_json: bool) -> None:
+def account_list(ctx: Context, as_json: bool, wide: bool) -> None:
     """All accounts."""
     from sqlalchemy import select
 
@@ -195,7 +212,7 @@ def account_list(ctx: Context, as_json: bool) -> None:
         return
     table(
         "accounts",
-        ["name", "server", "tls", "user", "from", "conns", "incident", "updated"],
+        ACCOUNT_COLUMNS,
         [
             [
                 r["name"],
@@ -209,15 +226,21 @@ def account_list(ctx: Context, as_json: bool) -> None:
             ]
             for r in rows
         ],
+        wide=wide,
     )
 
 
 @account_group.command("test")
 @click.argument("name")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="The server's answer and verdict as JSON.")
 @pass_ctx
 def account_test(ctx: Context, name: str, as_json: bool) -> None:
-    """Connect, STARTTLS/TLS and AUTH with the account's settings; no mail is sent."""
+    """Check NAME's SMTP settings without sending mail.
+
+    Connects, then upgrades to TLS and logs in as the settings say (TLS unless --tls
+    none, AUTH only with a username), and says goodbye. Exit code 1 if any step fails,
+    with the server's answer explained.
+    """
     from worker.crypto import SecretKeyError
     from worker.delivery import DeliveryEngine, EngineConfig
     from worker.replies import classify

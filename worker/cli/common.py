@@ -13,6 +13,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from worker.cli import tables
+from worker.cli.tables import Cell, Column
+
 #: Exit codes scripts can trust.
 EXIT_OK = 0
 EXIT_REFUSED = 1
@@ -46,6 +49,12 @@ class Context:
         if self._db is None:
             from worker.store.db import Database
 
+            if self.settings.database_url.startswith("sqlite"):
+                # The embedded database migrates itself, for read commands too: a new
+                # user's first `outbox account list` must not meet "no such table".
+                from worker.store import migrate
+
+                migrate.upgrade(self.settings.database_url)
             self._db = Database(self.settings.database_url)
         return self._db
 
@@ -54,7 +63,9 @@ class Context:
         if self._box is None:
             from worker.crypto import SecretBox
 
-            self._box = SecretBox(self.settings.secret_keys)
+            self._box = SecretBox(
+                self.settings.secret_keys, warning=self.settings.secret_key_warning
+            )
         return self._box
 
     def ensure_schema(self) -> None:
@@ -106,14 +117,23 @@ def _default(value: Any) -> Any:
     return str(value)
 
 
-def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
-    t = Table(title=escape(title) if title else None, title_justify="left", header_style="bold")
-    for column in columns:
-        t.add_column(column, overflow="fold")
-    for row in rows:
-        # Cells hold caller data (subjects, server replies): never rich markup.
-        t.add_row(*("" if v is None else escape(str(v)) for v in row))
-    console.print(t)
+def table(
+    title: str | None,
+    columns: Sequence[str | Column],
+    rows: Iterable[Sequence[Cell]],
+    *,
+    wide: bool = False,
+) -> None:
+    """A table that fits the terminal (see worker.cli.tables), or all of it with `wide`."""
+    tables.show(console, title, columns, rows, wide=wide)
+
+
+#: `--wide` on every command that prints a table.
+wide_option = click.option(
+    "--wide",
+    is_flag=True,
+    help="Every column in full, however long the lines get (default: fit the terminal).",
+)
 
 
 def pairs(title: str | None, items: Iterable[tuple[str, Any]]) -> None:

@@ -11,6 +11,7 @@ from rich.progress import Progress
 
 from worker.cli.common import (
     EXIT_REFUSED,
+    Column,
     Context,
     ago,
     console,
@@ -20,6 +21,7 @@ from worker.cli.common import (
     parse_since,
     pass_ctx,
     table,
+    wide_option,
 )
 
 STATUSES = ["pending", "sent", "failed", "cancelled"]
@@ -27,19 +29,36 @@ VERDICTS = ["retry", "account", "recipient", "message"]
 
 
 @click.command("send")
-@click.option("--account", required=True)
-@click.option("--to", "to", multiple=True, required=True)
-@click.option("--cc", multiple=True)
-@click.option("--bcc", multiple=True)
-@click.option("--reply-to")
+@click.option("--account", required=True, help="The account whose SMTP server sends it.")
+@click.option(
+    "--to", "to", multiple=True, required=True, help="A recipient, 'Name <addr>' too (repeatable)."
+)
+@click.option("--cc", multiple=True, help="A Cc recipient (repeatable).")
+@click.option("--bcc", multiple=True, help="A Bcc recipient (repeatable).")
+@click.option("--reply-to", help="Where replies go.")
 @click.option("--from", "from_addr", help="Overrides the account's default From.")
-@click.option("--subject", required=True)
-@click.option("--text")
-@click.option("--text-file", type=click.Path(exists=True, dir_okay=False))
-@click.option("--html-file", type=click.Path(exists=True, dir_okay=False))
-@click.option("--attach", multiple=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--subject", required=True, help="The subject line.")
+@click.option("--text", help="The plain-text body.")
+@click.option(
+    "--text-file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="The plain-text body, from a UTF-8 file.",
+)
+@click.option(
+    "--html-file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="An HTML body, from a UTF-8 file.",
+)
+@click.option(
+    "--attach",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="A file to attach (repeatable).",
+)
 @click.option("--header", "headers", multiple=True, help="'Name: value' (repeatable).")
-@click.option("--idempotency-key")
+@click.option(
+    "--idempotency-key", help="The same key for the same account sends the mail only once."
+)
 @click.option(
     "--priority",
     type=click.Choice(["high", "normal", "bulk"]),
@@ -49,7 +68,7 @@ VERDICTS = ["retry", "account", "recipient", "message"]
     "--send-at",
     help="Not before this ISO 8601 time with a zone, e.g. 2026-12-24T09:00:00+01:00.",
 )
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="The id as JSON, refusals field by field.")
 @pass_ctx
 def send(
     ctx: Context,
@@ -140,11 +159,24 @@ def send(
         click.echo(accepted.id)
 
 
+#: `outbox show`'s attempts: at 80 columns the server's words get what is left.
+ATTEMPT_COLUMNS = (
+    Column("#", justify="right"),
+    Column("channel", drop=2),
+    Column("when"),
+    Column("outcome"),
+    Column("stage", drop=1),
+    Column("code"),
+    Column("server said", min_width=30),
+)
+
+
 @click.command("show")
 @click.argument("message_id", type=int)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="The story as one JSON object.")
+@wide_option
 @pass_ctx
-def show(ctx: Context, message_id: int, as_json: bool) -> None:
+def show(ctx: Context, message_id: int, as_json: bool, wide: bool) -> None:
     """The whole story of one email, in plain words."""
     from worker.store.reports import message_story
 
@@ -198,16 +230,15 @@ def show(ctx: Context, message_id: int, as_json: bool) -> None:
         rows.append(("reason", story["last_error"]))
     if story["account_incident"]:
         rows.append(("account", f"SMTP incident open: {story['account_incident']['reason']}"))
-    pairs(f"message {story['id']}", rows)
     for address, why_refused in story["refused"].items():
-        console.print(
-            f"  refused: {address}: {why_refused['meaning']} What to do: {why_refused['advice']}",
-            highlight=False,
+        rows.append(
+            ("refused", f"{address}: {why_refused['meaning']} What to do: {why_refused['advice']}")
         )
+    pairs(f"message {story['id']}", rows)
     if story["attempts"]:
         table(
             "attempts",
-            ["#", "channel", "when", "outcome", "stage", "code", "enhanced", "server said"],
+            ATTEMPT_COLUMNS,
             [
                 [
                     a["number"],
@@ -215,23 +246,44 @@ def show(ctx: Context, message_id: int, as_json: bool) -> None:
                     f"{a['started_at']:%H:%M:%S}",
                     a["outcome"],
                     a["stage"],
-                    a["code"],
-                    a["enhanced"],
+                    " ".join(str(part) for part in (a["code"], a["enhanced"]) if part),
                     (a["server_text"] or "")
                     + (f" [id {a['provider_message_id']}]" if a["provider_message_id"] else ""),
                 ]
                 for a in story["attempts"]
             ],
+            wide=wide,
         )
 
 
+#: `outbox list`: at 80 columns the creation time and the subject give way first.
+LIST_COLUMNS = (
+    Column("id", justify="right"),
+    Column("account", min_width=8, max_width=24),
+    Column("status"),
+    Column("to", min_width=14, max_width=40),
+    Column("subject", min_width=12, max_width=30, drop=2),
+    Column("created", drop=1),
+    Column("tries", justify="right"),
+    Column("next"),
+    Column("last error", min_width=18),
+)
+
+
 @click.command("list")
-@click.option("--status", type=click.Choice(STATUSES))
-@click.option("--account")
+@click.option("--status", type=click.Choice(STATUSES), help="Only messages in this state.")
+@click.option("--account", help="Only this account's messages.")
 @click.option("--since", help="Created in the last 30m / 2h / 7d, or since an ISO date.")
 @click.option("--reason", type=click.Choice(VERDICTS), help="Last failure's verdict.")
-@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
+@click.option(
+    "--limit",
+    type=click.IntRange(1, 10_000),
+    default=50,
+    show_default=True,
+    help="At most this many messages, newest first.",
+)
+@click.option("--json", "as_json", is_flag=True, help="A JSON list, every field in full.")
+@wide_option
 @pass_ctx
 def list_(
     ctx: Context,
@@ -241,6 +293,7 @@ def list_(
     reason: str | None,
     limit: int,
     as_json: bool,
+    wide: bool,
 ) -> None:
     """Messages, newest first."""
     from worker.store.reports import list_messages
@@ -260,7 +313,7 @@ def list_(
     now = datetime.now(UTC)
     table(
         f"{len(rows)} message(s)",
-        ["id", "account", "status", "to", "subject", "created", "tries", "next", "last error"],
+        LIST_COLUMNS,
         [
             [
                 r["id"],
@@ -268,15 +321,16 @@ def list_(
                 r["status"]
                 + (" (backup)" if r["sent_via"] == "backup" else "")
                 + (f" ({r['priority']})" if r["priority"] != "normal" else ""),
-                ", ".join(r["to"])[:40],
-                (r["subject"] or "")[:30],
+                ", ".join(r["to"]),
+                r["subject"],
                 ago(r["created_at"], now),
                 r["attempts"],
                 ago(r["next_attempt_at"], now),
-                (r["last_error"] or "")[:60] if r["status"] != "sent" else "",
+                r["last_error"] if r["status"] != "sent" else "",
             ]
             for r in rows
         ],
+        wide=wide,
     )
 
 
@@ -341,7 +395,7 @@ def _print_report(report, verb: str, as_json: bool) -> None:  # type: ignore[no-
 
 @click.command("retry")
 @click.argument("ids", nargs=-1, type=int)
-@click.option("--account")
+@click.option("--account", help="Every message of this account instead of IDS.")
 @click.option(
     "--status",
     type=click.Choice(["pending", "failed"]),
@@ -349,8 +403,8 @@ def _print_report(report, verb: str, as_json: bool) -> None:  # type: ignore[no-
     help="With --account: which messages (default: pending).",
 )
 @click.option("--yes", is_flag=True, help="Confirm a bulk retry.")
-@click.option("--dry-run", is_flag=True)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--dry-run", is_flag=True, help="Only say which messages it would retry.")
+@click.option("--json", "as_json", is_flag=True, help="What was done and refused, as JSON.")
 @pass_ctx
 def retry(
     ctx: Context,
@@ -361,7 +415,11 @@ def retry(
     dry_run: bool,
     as_json: bool,
 ) -> None:
-    """Try now, whatever the schedule; a failed message is reopened with a fresh window."""
+    """Try now, whatever the schedule.
+
+    A failed message is reopened with a fresh retry window; sent or cancelled ones are
+    refused with the reason.
+    """
     from worker.operator import Operator
 
     targets = _select_targets(ctx, ids, account, (status or "pending",))
@@ -375,10 +433,10 @@ def retry(
 
 @click.command("cancel")
 @click.argument("ids", nargs=-1, type=int)
-@click.option("--account")
+@click.option("--account", help="Every pending message of this account instead of IDS.")
 @click.option("--yes", is_flag=True, help="Confirm a bulk cancel.")
-@click.option("--dry-run", is_flag=True)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--dry-run", is_flag=True, help="Only say which messages it would cancel.")
+@click.option("--json", "as_json", is_flag=True, help="What was done and refused, as JSON.")
 @pass_ctx
 def cancel(
     ctx: Context, ids: tuple[int, ...], account: str | None, yes: bool, dry_run: bool, as_json: bool
@@ -394,13 +452,33 @@ def cancel(
     _print_report(report, "cancelled", as_json)
 
 
+#: `outbox stats`: at 80 columns the headers shorten, the total and cancelled counts go.
+STATS_COLUMNS = (
+    Column("account", min_width=8, max_width=24),
+    Column("total", justify="right", drop=2),
+    Column("pending", justify="right"),
+    Column("sent", justify="right"),
+    Column("failed", justify="right"),
+    Column("cancelled", justify="right", drop=1),
+    Column("via backup", short="backup", justify="right"),
+    Column("fallback rate", short="fallback", justify="right"),
+    Column("oldest pending", short="oldest"),
+    Column("last verdicts", short="verdicts", min_width=16),
+)
+
+
 @click.command("stats")
-@click.option("--account")
+@click.option("--account", help="Only this account.")
 @click.option("--since", help="Created in the last 30m / 2h / 7d, or since an ISO date.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="A JSON list, one object per account.")
+@wide_option
 @pass_ctx
-def stats(ctx: Context, account: str | None, since: str | None, as_json: bool) -> None:
-    """Per-account health: counts by status and verdict, oldest pending, fallback rate."""
+def stats(ctx: Context, account: str | None, since: str | None, as_json: bool, wide: bool) -> None:
+    """Per-account health of the mail.
+
+    Counts by status and by last verdict, the oldest pending message, the share sent
+    through the backup provider.
+    """
     from worker.store.reports import stats as compute
 
     with ctx.db.session() as session:
@@ -410,18 +488,7 @@ def stats(ctx: Context, account: str | None, since: str | None, as_json: bool) -
         return
     table(
         "accounts",
-        [
-            "account",
-            "total",
-            "pending",
-            "sent",
-            "failed",
-            "cancelled",
-            "via backup",
-            "fallback rate",
-            "oldest pending",
-            "last verdicts",
-        ],
+        STATS_COLUMNS,
         [
             [
                 r["account"],
@@ -439,17 +506,21 @@ def stats(ctx: Context, account: str | None, since: str | None, as_json: bool) -
             ]
             for r in rows
         ],
+        wide=wide,
     )
 
 
 @click.command("purge")
 @click.option("--older-than", required=True, help="Finished more than this long ago (30d).")
-@click.option("--yes", is_flag=True)
-@click.option("--dry-run", is_flag=True)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--yes", is_flag=True, help="Confirm: without it, only say how many.")
+@click.option("--dry-run", is_flag=True, help="Only say how many it would delete.")
+@click.option("--json", "as_json", is_flag=True, help="The count as JSON.")
 @pass_ctx
 def purge(ctx: Context, older_than: str, yes: bool, dry_run: bool, as_json: bool) -> None:
-    """Delete finished mail (sent, failed, cancelled) and its attempts, in batches."""
+    """Delete finished mail and its attempts.
+
+    Finished: sent, failed or cancelled. Deleted in batches, with a progress bar.
+    """
     from config.settings import SettingsError, parse_duration
     from worker.store.retention import count_purgeable, purge_batch
 

@@ -19,9 +19,9 @@ from worker.cli.common import Context, fail, pass_ctx
 )
 @pass_ctx
 def metrics_command(ctx: Context, host: str | None, port: int | None) -> None:
-    """Serve Prometheus metrics on /metrics, read from the database at every scrape.
+    """Serve Prometheus metrics, read from the database.
 
-    A scrape that cannot read the database still answers, with outbox_up 0.
+    Every scrape of /metrics reads the database anew. A scrape that cannot read the database still answers, with outbox_up 0.
     """
     settings = ctx.settings
     from config.logging import configure_logging

@@ -6,8 +6,18 @@ import sys
 from typing import Any
 
 import click
+from rich.markup import escape
 
-from worker.cli.common import Context, emit_json, fail, pairs, pass_ctx, table
+from worker.cli.common import (
+    EXIT_REFUSED,
+    Context,
+    emit_json,
+    err_console,
+    fail,
+    pairs,
+    pass_ctx,
+    table,
+)
 
 
 @click.group("db")
@@ -16,7 +26,9 @@ def db_group() -> None:
 
 
 @db_group.command("upgrade")
-@click.option("--revision", default="head", show_default=True)
+@click.option(
+    "--revision", default="head", show_default=True, help="Alembic revision to upgrade to."
+)
 @pass_ctx
 def db_upgrade(ctx: Context, revision: str) -> None:
     """Apply migrations up to REVISION."""
@@ -35,7 +47,13 @@ def db_upgrade(ctx: Context, revision: str) -> None:
     default=None,
     help="Worker processes (default: OUTBOX_CONCURRENCY, two per core).",
 )
-@click.option("--loglevel", "-l", default="INFO", show_default=True)
+@click.option(
+    "--loglevel",
+    "-l",
+    default="INFO",
+    show_default=True,
+    help="DEBUG, INFO, WARNING or ERROR.",
+)
 @click.option("--queues", "-Q", default=None, help="Comma-separated queues (default: all).")
 @pass_ctx
 def worker_command(
@@ -53,6 +71,8 @@ def worker_command(
     if beat:
         settings.var_dir.mkdir(parents=True, exist_ok=True)
         argv += ["--beat", "--schedule", str(settings.var_dir / "celerybeat-schedule")]
+    if settings.secret_key_warning:
+        click.echo(settings.secret_key_warning, err=True)  # a worker decrypts passwords
     if settings.is_embedded:
         click.echo(
             f"Outbox worker on the embedded defaults: database {settings.database_url}, "
@@ -70,10 +90,14 @@ def worker_command(
     default=None,
     help="Where in the session the reply came.",
 )
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per reply.")
 def explain(replies: tuple[str, ...], stage: str | None, as_json: bool) -> None:
-    """Explain SMTP replies in plain words (arguments, or one per line on stdin)."""
-    from worker.replies import Stage, explain_text
+    """Explain SMTP replies and connection errors in plain words.
+
+    As the engine decides them; the replies as arguments, or one per line on stdin.
+    Exit code 1 if some text is neither an SMTP reply nor a known connection error.
+    """
+    from worker.replies import NotAReply, Stage, explain_text
 
     texts = list(replies)
     if not texts:
@@ -82,12 +106,23 @@ def explain(replies: tuple[str, ...], stage: str | None, as_json: bool) -> None:
         texts = [line for line in sys.stdin.read().splitlines() if line.strip()]
     results: list[dict[str, Any]] = []
     for text in texts:
-        e = explain_text(text.replace("\\r\\n", "\n"), Stage(stage) if stage else None)
+        try:
+            e = explain_text(text.replace("\\r\\n", "\n"), Stage(stage) if stage else None)
+        except NotAReply as exc:
+            results.append({"reply": text, "error": str(exc)})
+            continue
         results.append({"reply": text, **e.as_dict()})
+    unknown = [r for r in results if "error" in r]
     if as_json:
         emit_json(results if len(results) > 1 else results[0])
+        if unknown:
+            sys.exit(EXIT_REFUSED)
         return
     for r in results:
+        if "error" in r:
+            err_console.print(f"[bold red]error:[/] {escape(r['error'])}", highlight=False)
+            click.echo()
+            continue
         pairs(
             r["reply"],
             [
@@ -100,6 +135,8 @@ def explain(replies: tuple[str, ...], stage: str | None, as_json: bool) -> None:
             ],
         )
         click.echo()
+    if unknown:
+        sys.exit(EXIT_REFUSED)
 
 
 @click.command("secret-key")
@@ -111,12 +148,13 @@ def secret_key() -> None:
 
 
 @click.command("rotate-key")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="The count as JSON.")
 @pass_ctx
 def rotate_key(ctx: Context, as_json: bool) -> None:
-    """Re-encrypt stored SMTP passwords under the first key of OUTBOX_SECRET_KEY.
+    """Re-encrypt stored SMTP passwords under the newest key.
 
-    Set OUTBOX_SECRET_KEY=NEW,OLD, run this, then drop OLD.
+    The newest is the first of OUTBOX_SECRET_KEY: set OUTBOX_SECRET_KEY=NEW,OLD, run
+    this, then drop OLD.
     """
     from sqlalchemy import select
 
@@ -151,7 +189,10 @@ def rotate_key(ctx: Context, as_json: bool) -> None:
 )
 @pass_ctx
 def flower_command(ctx: Context, address: str | None, port: int | None) -> None:
-    """Run Flower, the monitor, behind OUTBOX_FLOWER_BASIC_AUTH (see config/flower.py)."""
+    """Run Flower, the monitor, behind basic auth.
+
+    The users and passwords come from OUTBOX_FLOWER_BASIC_AUTH (see config/flower.py).
+    """
     import os
 
     from config.settings import SettingsError
