@@ -21,11 +21,13 @@ from worker.contract import (
     INTAKE_QUEUE,
     MAINTENANCE_QUEUE,
     NOTIFY_TASK,
+    PUBLISH_EVENTS_TASK,
     QUEUES,
     RETRY_QUEUE,
     RETRY_TASK,
     SEND_QUEUE,
     SEND_TASK,
+    STATUS_TASK,
     SWEEP_TASK,
     WAKE_ACCOUNT_TASK,
     broker_transport_options,
@@ -61,6 +63,8 @@ app.conf.update(
         ENQUEUE_MANY_TASK: {"queue": INTAKE_QUEUE},
         BACKUP_TASK: {"queue": BACKUP_QUEUE},
         SWEEP_TASK: {"queue": MAINTENANCE_QUEUE},
+        STATUS_TASK: {"queue": MAINTENANCE_QUEUE},
+        PUBLISH_EVENTS_TASK: {"queue": MAINTENANCE_QUEUE},
         NOTIFY_TASK: {"queue": MAINTENANCE_QUEUE},
         WAKE_ACCOUNT_TASK: {"queue": MAINTENANCE_QUEUE},
         RETRY_TASK: {"queue": MAINTENANCE_QUEUE},
@@ -95,6 +99,13 @@ app.conf.update(
     beat_schedule={
         SWEEP_TASK: {
             "task": SWEEP_TASK,
+            "schedule": settings.sweep_interval_s,
+            "options": {"queue": MAINTENANCE_QUEUE, "expires": settings.sweep_interval_s},
+        },
+        # The backstop for events whose publish after a drain failed, and for those
+        # written outside a drain (the Python door's `accepted`, cancel, the sweeper).
+        PUBLISH_EVENTS_TASK: {
+            "task": PUBLISH_EVENTS_TASK,
             "schedule": settings.sweep_interval_s,
             "options": {"queue": MAINTENANCE_QUEUE, "expires": settings.sweep_interval_s},
         },

@@ -53,6 +53,7 @@ def drain(account_id: Any) -> str:
         return "refused"
     outcome = runtime().engine.drain(aid)
     publish_drain_follow_up(outcome)
+    publish_events_now()
     return (
         outcome.skipped
         or f"sent {outcome.sent}, failed {outcome.failed}, pending {outcome.deferred}"
@@ -81,7 +82,17 @@ def deliver_via_backup(message_id: Any) -> str:
         return "refused"
     step = runtime().backup_engine().deliver(mid)
     publish_backup_follow_up(step)
+    publish_events_now()
     return step.action.value
+
+
+def publish_events_now() -> None:
+    """The status events the run just wrote go out at once (beat's `outbox.publish_events`
+    is only the backstop). A failure here costs latency, never an event."""
+    try:
+        runtime().events().publish_due(max_batches=5)
+    except Exception:
+        log.exception("could not publish status events; the next run will")
 
 
 def publish_drain_follow_up(outcome: DrainOutcome) -> None:

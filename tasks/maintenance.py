@@ -8,9 +8,21 @@ from typing import Any
 from sqlalchemy.exc import OperationalError
 
 from config.celery import BACKUP_QUEUE, app
-from tasks.delivery import deliver_via_backup, drain, publish_drain, publish_drain_follow_up
+from tasks.delivery import (
+    deliver_via_backup,
+    drain,
+    id_arg,
+    publish_drain,
+    publish_drain_follow_up,
+)
 from tasks.runtime import runtime
-from worker.contract import NOTIFY_TASK, SWEEP_TASK, WAKE_ACCOUNT_TASK
+from worker.contract import (
+    NOTIFY_TASK,
+    PUBLISH_EVENTS_TASK,
+    STATUS_TASK,
+    SWEEP_TASK,
+    WAKE_ACCOUNT_TASK,
+)
 
 log = logging.getLogger("outbox.tasks")
 
@@ -65,4 +77,20 @@ def wake_account(account_id: int) -> str:
     return outcome.skipped or f"sent {outcome.sent}"
 
 
-__all__ = ["drain", "notify", "sweep", "wake_account"]
+@app.task(name=PUBLISH_EVENTS_TASK, ignore_result=True)
+def publish_events() -> int:
+    """Publish due status events to the callers' tasks (at least once, in order)."""
+    return runtime().events().publish_due()
+
+
+@app.task(name=STATUS_TASK, ignore_result=False)
+def status(message_ids: Any) -> list[dict[str, Any]]:
+    """What became of each message: status, why, what to do, next attempt (polling)."""
+    ids = message_ids if isinstance(message_ids, list | tuple) else [message_ids]
+    if len(ids) > 1000:
+        raise ValueError("message_ids: at most 1,000 per call")
+    wanted = [id_arg(m) for m in ids]
+    return runtime().statuses([m for m in wanted if m is not None])
+
+
+__all__ = ["drain", "notify", "publish_events", "status", "sweep", "wake_account"]

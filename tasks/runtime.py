@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from typing import Any
 
 import httpx
 from celery.signals import worker_process_init, worker_process_shutdown
@@ -17,12 +18,14 @@ from config.settings import Settings, get_settings
 from worker.backup import BackupProvider, make_provider
 from worker.backup.engine import BackupConfig, BackupEngine
 from worker.client import IntakeClient, limits_from
+from worker.contract import EVENTS_QUEUE
 from worker.crypto import SecretBox
 from worker.delivery import DeliveryEngine, EngineConfig
 from worker.lease import LeaseKeeper
 from worker.notify import Notifier
 from worker.operator import Operator
 from worker.smtp import SmtpConnectionPool
+from worker.status_events import EventPublisher
 from worker.store.db import WORKER_PING_WHEN_IDLE_S, Database
 from worker.sweeper import SweepConfig, Sweeper
 from worker.wakeups import Wakeups
@@ -56,6 +59,7 @@ class Runtime:
         self._backup_engine: BackupEngine | None = None
         self._provider: BackupProvider | None = None
         self._notifier: Notifier | None = None
+        self._events: EventPublisher | None = None
 
     def wakeups(self) -> Wakeups:
         """Coalesced drain wake-ups, published by this worker's own drain task."""
@@ -130,6 +134,24 @@ class Runtime:
 
     def operator(self) -> Operator:
         return Operator(self.db, window_s=self.settings.retry_window_s)
+
+    def statuses(self, message_ids: list[int]) -> list[dict[str, Any]]:
+        from worker.clock import utcnow
+        from worker.store.reports import statuses
+
+        with self.db.session() as session:
+            return statuses(session, message_ids, now=utcnow())
+
+    def events(self) -> EventPublisher:
+        """Status events to the callers' tasks, published through this worker's app."""
+        if self._events is None:
+            from config.celery import app
+
+            def send(task: str, queue: str, event: dict[str, Any]) -> None:
+                app.send_task(task, kwargs=event, queue=queue, ignore_result=True)
+
+            self._events = EventPublisher(self.db, send, default_queue=EVENTS_QUEUE)
+        return self._events
 
     def close(self) -> None:
         self.keeper.close()

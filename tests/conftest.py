@@ -52,6 +52,7 @@ TABLES = (
     "metric_tallies",
     "metric_marks",
     "maintenance_runs",
+    "events",
 )
 
 

@@ -12,6 +12,10 @@ DRAIN_TASK = "outbox.drain"
 SEND_TASK = "outbox.send"
 BACKUP_TASK = "outbox.deliver_via_backup"
 SWEEP_TASK = "outbox.sweep"
+#: What became of one message or many, by name: `send_task("outbox.status", args=([17],))`.
+STATUS_TASK = "outbox.status"
+#: Publishes due status events to the callers' `status_task`s (beat, and after drains).
+PUBLISH_EVENTS_TASK = "outbox.publish_events"
 NOTIFY_TASK = "outbox.notify"
 WAKE_ACCOUNT_TASK = "outbox.wake_account"
 RETRY_TASK = "outbox.retry"
@@ -31,6 +35,9 @@ BACKUP_QUEUE = "outbox.backup"
 #: Sweeps, notices, operator tasks.
 MAINTENANCE_QUEUE = "outbox.maintenance"
 QUEUES = (INTAKE_QUEUE, SEND_QUEUE, RETRY_QUEUE, BACKUP_QUEUE, MAINTENANCE_QUEUE)
+#: Where a request's `status_task` receives its events when it names no `status_queue`:
+#: the caller's workers consume it (`-Q outbox.events`); Outbox's never do.
+EVENTS_QUEUE = "outbox.events"
 
 
 def broker_transport_options(broker_url: str) -> dict[str, object]:

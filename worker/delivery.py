@@ -43,6 +43,7 @@ from worker.decide import (
     stops_the_batch,
     throttle_pause_s,
 )
+from worker.events import after_attempt
 from worker.lease import Lease, LeaseKeeper
 from worker.message import compose
 from worker.replies import Reply, Stage, Verdict, classify
@@ -627,6 +628,21 @@ class DeliveryEngine:
             recipients=dict(per_recipient),
             worker=self.holder,
         )
+        events = after_attempt(
+            status=decision.status,
+            channel=Channel.SMTP.value,
+            explanation=decision.explanation,
+            accepted=result.accepted,
+            # Refused for good now (a greylisted RCPT is a deferral, not a refusal).
+            refusals={
+                rcpt: why
+                for rcpt, why in decision.refusals.items()
+                if decision.settled.get(rcpt, {}).get("outcome") == "refused"
+                and claimed.delivered_to.get(rcpt, {}).get("outcome") != "refused"
+            },
+            next_attempt_at=next_at if decision.status == MessageStatus.PENDING.value else None,
+            attempts=claimed.attempt_number,
+        )
         if decision.status != MessageStatus.PENDING.value:
             sent = decision.status == MessageStatus.SENT.value
             update_ = MessageUpdate(
@@ -637,6 +653,7 @@ class DeliveryEngine:
                 last_code=reply.code,
                 last_enhanced=reply.enhanced,
                 last_error=None if sent and not decision.refusals else str(reply)[:1000],
+                events=events,
             )
             return attempt, update_, Action.SENT if sent else Action.FAILED
         assert next_at is not None
@@ -659,6 +676,7 @@ class DeliveryEngine:
             last_code=reply.code,
             last_enhanced=reply.enhanced,
             last_error=str(reply)[:1000],
+            events=events,
         )
         return attempt, update_, Action.BACKUP if decision.window_over else Action.RETRY
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
+import math
 import re
 import secrets
 from collections.abc import Mapping, Sequence
@@ -38,8 +40,15 @@ REQUEST_FIELDS = frozenset(
         "idempotency_key",
         "priority",
         "send_at",
+        "metadata",
+        "status_task",
+        "status_queue",
     }
 )
+#: The largest `metadata` object, as compact JSON (it travels in every event).
+MAX_METADATA_BYTES = 4096
+#: A Celery task or queue name: what `status_task` / `status_queue` may be.
+TASK_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.:\-]{0,199}")
 #: `priority` values, in the order an account's mail is sent (worker.store.models.Priority).
 PRIORITIES = ("high", "normal", "bulk")
 #: The most requests one `enqueue_many` call may carry.
@@ -132,6 +141,11 @@ class EmailRequest:
     priority: int = 1
     #: Not sent before this (aware UTC); None: at once.
     send_at: datetime | None = None
+    #: The caller's own keys (an invoice id), returned in every event about this mail.
+    metadata: dict[str, Any] | None = None
+    #: A task of the caller's that receives this mail's events, by name (and its queue).
+    status_task: str | None = None
+    status_queue: str | None = None
 
 
 class _Collector:
@@ -472,6 +486,12 @@ def validate_request(
         payload, errors, now=now or datetime.now(UTC), horizon_s=limits.send_at_horizon_s
     )
 
+    metadata = _metadata(payload, errors)
+    status_task = _task_name(payload, "status_task", errors)
+    status_queue = _task_name(payload, "status_queue", errors)
+    if status_queue is not None and status_task is None:
+        errors.add("status_queue", "is only used with status_task")
+
     key = payload.get("idempotency_key")
     if key is not None and (
         not _is_str(key) or not key or len(key) > MAX_IDEMPOTENCY_KEY_CHARS or not key.isprintable()
@@ -514,7 +534,50 @@ def validate_request(
         size_bytes=size,
         priority=priority,
         send_at=send_at,
+        metadata=metadata,
+        status_task=status_task,
+        status_queue=status_queue,
     )
+
+
+def _metadata(payload: Mapping[str, Any], errors: _Collector) -> dict[str, Any] | None:
+    """A small JSON object of plain values: strings, numbers, booleans, null."""
+    value = payload.get("metadata")
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        errors.add("metadata", f"must be a JSON object, not {type(value).__name__}")
+        return None
+    for key, item in value.items():
+        if not _is_str(key) or not 1 <= len(key) <= 64 or not key.isprintable():
+            errors.add("metadata", f"key {str(key)[:40]!r} must be a printable string of 1 to 64")
+            return None
+        if item is not None and not isinstance(item, str | int | float | bool):
+            errors.add(
+                "metadata",
+                f"{key!r} holds a {type(item).__name__}: values are strings, numbers, "
+                "booleans or null",
+            )
+            return None
+        if isinstance(item, float) and not math.isfinite(item):
+            errors.add("metadata", f"{key!r} is not a finite number")
+            return None
+    size = len(json.dumps(dict(value), separators=(",", ":"), ensure_ascii=False).encode())
+    if size > MAX_METADATA_BYTES:
+        errors.add("metadata", f"is {size:,} bytes as JSON; at most {MAX_METADATA_BYTES:,}")
+        return None
+    return dict(value)
+
+
+def _task_name(payload: Mapping[str, Any], name: str, errors: _Collector) -> str | None:
+    value = payload.get(name)
+    if value is None:
+        return None
+    if not _is_str(value) or not TASK_NAME.fullmatch(value):
+        shown = repr(value)[:60] if _is_str(value) else type(value).__name__
+        errors.add(name, f"{shown} is not a Celery task name (letters, digits, . _ : -)")
+        return None
+    return value
 
 
 def validate_batch(

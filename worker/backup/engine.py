@@ -21,6 +21,7 @@ from worker.backup import BackupOutcome, BackupProvider, BackupResult, backup_se
 from worker.clock import Clock, utcnow
 from worker.decide import backup_recipient_result, broker_countdown
 from worker.delivery import Action, NoticeDue, envelope_address
+from worker.events import backup_event
 from worker.message import OutgoingEmail
 from worker.store.accounts import account_by_id
 from worker.store.db import Database
@@ -35,14 +36,10 @@ from worker.store.messages import (
     record,
     release,
 )
-from worker.store.models import AttemptOutcome, Channel, MessageStatus
+from worker.store.models import AttemptOutcome, Channel, EventType, MessageStatus
+from worker.store.sweep import NO_PROVIDER
 
 log = logging.getLogger("outbox.backup")
-
-NO_PROVIDER = (
-    "Not delivered within the retry window, and no backup provider is configured "
-    "(OUTBOX_BACKUP_PROVIDER)."
-)
 
 
 @dataclass(frozen=True)
@@ -185,6 +182,7 @@ class BackupEngine:
                     status=MessageStatus.FAILED.value,
                     delivered_to=got.delivered_to,
                     last_error=NO_PROVIDER,
+                    events=(backup_event(EventType.FAILED, NO_PROVIDER),),
                 ),
                 now=now,
             )
@@ -240,6 +238,16 @@ class BackupEngine:
                     sent_via=Channel.BACKUP.value,
                     delivered_to=settled,
                     last_error=None,
+                    events=(
+                        backup_event(
+                            EventType.SENT,
+                            f"{result.provider}: {result.detail}",
+                            code=result.http_status,
+                            queue_id=result.provider_message_id,
+                            recipients=list(got.recipients),
+                            attempts=got.attempt_number,
+                        ),
+                    ),
                 ),
                 now=finished,
             )
@@ -274,6 +282,16 @@ class BackupEngine:
                     delivered_to=got.delivered_to,
                     last_error=f"backup: {result.explanation}",
                     last_code=result.http_status,
+                    events=(
+                        backup_event(
+                            EventType.DEFERRED,
+                            f"{result.provider}: {result.detail}",
+                            code=result.http_status,
+                            meaning=result.explanation,
+                            next_attempt_at=next_at.isoformat(),
+                            attempts=got.attempt_number,
+                        ),
+                    ),
                 ),
                 now=finished,
             )
@@ -293,6 +311,14 @@ class BackupEngine:
                 delivered_to=got.delivered_to,
                 last_error=f"backup: {reason}"[:1000],
                 last_code=result.http_status,
+                events=(
+                    backup_event(
+                        EventType.FAILED,
+                        f"{result.provider}: {result.detail}",
+                        code=result.http_status,
+                        meaning=reason,
+                    ),
+                ),
             ),
             now=finished,
         )

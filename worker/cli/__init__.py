@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from worker.cli import accounts, messages, metrics, system
+from worker.cli import accounts, events, messages, metrics, system
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -13,7 +13,7 @@ def main() -> None:
     """Outbox: every accepted email reaches its recipient or ends with an honest reason."""
 
 
-for module in (system, accounts, messages, metrics):
+for module in (system, accounts, messages, events, metrics):
     for command in module.COMMANDS:
         main.add_command(command)
 

@@ -21,7 +21,8 @@ from worker.cli.common import Context, fail, pass_ctx
 def metrics_command(ctx: Context, host: str | None, port: int | None) -> None:
     """Serve Prometheus metrics, read from the database.
 
-    Every scrape of /metrics reads the database anew. A scrape that cannot read the database still answers, with outbox_up 0.
+    Every scrape of /metrics reads the database anew; a scrape that cannot read it
+    still answers, with outbox_up 0.
     """
     settings = ctx.settings
     from config.logging import configure_logging

@@ -19,8 +19,9 @@ from sqlalchemy.orm import Session
 
 from worker.intake import EmailRequest, deadline_for, new_message_id
 from worker.store.errors import StoreError
+from worker.store.events import EventDraft, event_rows, insert_rows
 from worker.store.messages import EMAIL_COLUMNS
-from worker.store.models import Account, AttachmentRow, MessageStatus, table
+from worker.store.models import Account, AttachmentRow, EventType, MessageStatus, Priority, table
 from worker.store.models import Message as MessageRow
 
 _ACCOUNTS = table(Account)
@@ -84,6 +85,10 @@ _NEW_MESSAGE_FIELDS = (
     "due_at",
     "attempt_count",
     "delivered_to",
+    "metadata",
+    "status_task",
+    "status_queue",
+    "event_seq",
 )
 _INSERT_MESSAGE = (
     insert(_MESSAGES)
@@ -206,6 +211,10 @@ def _row(
         "due_at": deadline,
         "attempt_count": 0,
         "delivered_to": {},
+        "metadata": request.metadata,
+        "status_task": request.status_task,
+        "status_queue": request.status_queue,
+        "event_seq": 1,  # the `accepted` event, written with the row
     }
 
 
@@ -228,7 +237,27 @@ def _insert(
     ]
     if attachments:
         conn.execute(_INSERT_ATTACHMENT, attachments)
+    accepted = [
+        event_rows(
+            [EventDraft(EventType.ACCEPTED, _accepted_data(row))],
+            message_id=message_id,
+            account_id=row["account_id"],
+            last_seq=1,
+            publish_due=row["status_task"] is not None,
+            at=row["created_at"],
+        )[0]
+        for (_, row), message_id in zip(new_rows, ids, strict=True)
+    ]
+    insert_rows(session, accepted)
     return ids
+
+
+def _accepted_data(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "priority": Priority(row["priority"]).label,
+        "send_at": row["send_at"].isoformat() if row["send_at"] else None,
+        "deadline": row["deadline"].isoformat(),
+    }
 
 
 def _insert_one_by_one(

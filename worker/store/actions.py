@@ -16,9 +16,10 @@ from sqlalchemy.orm import Session
 
 from worker.decide import is_sent
 from worker.store.db import changed_rows
+from worker.store.events import EventDraft, append
 from worker.store.metrics import tally_reopened
+from worker.store.models import EventType, MessageStatus
 from worker.store.models import Message as MessageRow
-from worker.store.models import MessageStatus
 
 PENDING = MessageStatus.PENDING.value
 
@@ -136,6 +137,12 @@ def cancel_messages(session: Session, message_ids: list[int], *, now: datetime) 
         )
         if changed:
             report.done.append(mid)
+            append(
+                session,
+                mid,
+                [EventDraft(EventType.CANCELLED, {"reason": "Cancelled by an operator."})],
+                now=now,
+            )
         else:
             report.refused[mid] = _why_refused(session, mid, "cancel", now)
     return report

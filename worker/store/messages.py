@@ -18,7 +18,8 @@ from sqlalchemy.orm import Session
 
 from worker.message import Attachment, OutgoingEmail
 from worker.store.db import changed_rows
-from worker.store.models import AttachmentRow, Attempt, Channel, MessageStatus, table
+from worker.store.events import EventDraft, append, event_rows, insert_rows
+from worker.store.models import AttachmentRow, Attempt, Channel, EventType, MessageStatus, table
 from worker.store.models import Message as MessageRow
 
 _MESSAGES = table(MessageRow)
@@ -173,11 +174,21 @@ RECORD_VALUES = {
     "due_at": func.coalesce(
         bindparam("p_due_at", type_=_MESSAGES.c.due_at.type), _MESSAGES.c.due_at
     ),
+    # The events this change writes take the next numbers (store.events).
+    "event_seq": _MESSAGES.c.event_seq + bindparam("p_event_count"),
 }
+#: What a record returns to number and route its events.
+RECORD_RETURNING = (
+    _MESSAGES.c.id,
+    _MESSAGES.c.account_id,
+    _MESSAGES.c.event_seq,
+    _MESSAGES.c.status_task,
+)
 _RECORD = (
     update(_MESSAGES)
     .where(_MESSAGES.c.id == bindparam("p_id"), _MESSAGES.c.lease_token == bindparam("p_token"))
     .values(RECORD_VALUES)
+    .returning(*RECORD_RETURNING)
 )
 #: Mail that went out is recorded as sent even if the lease was lost meanwhile.
 _RECORD_SENT_WITHOUT_LEASE = (
@@ -187,6 +198,7 @@ _RECORD_SENT_WITHOUT_LEASE = (
         _MESSAGES.c.status == MessageStatus.PENDING.value,
     )
     .values(RECORD_VALUES)
+    .returning(*RECORD_RETURNING)
 )
 
 #: The columns of an `attempts` row that an `AttemptRecord` fills.
@@ -381,6 +393,8 @@ class MessageUpdate:
     last_code: int | None = None
     last_enhanced: str | None = None
     last_error: str | None = None
+    #: The events this change means for the sender (deferred, sent, failed...).
+    events: tuple[EventDraft, ...] = ()
 
 
 def record(
@@ -399,10 +413,23 @@ def record(
     """
     conn = session.connection()
     params = record_params(claimed, update_, now=now)
-    owned = bool(changed_rows(conn.execute(_RECORD, params)))
+    changed = conn.execute(_RECORD, params).first()
+    owned = changed is not None
     if not owned and update_.status == MessageStatus.SENT.value:
-        conn.execute(_RECORD_SENT_WITHOUT_LEASE, params)
+        changed = conn.execute(_RECORD_SENT_WITHOUT_LEASE, params).first()
     conn.execute(_UPSERT_ATTEMPT, attempt_params(claimed, attempt))
+    if changed is not None:  # events only for a change that happened
+        insert_rows(
+            session,
+            event_rows(
+                update_.events,
+                message_id=changed.id,
+                account_id=changed.account_id,
+                last_seq=changed.event_seq,
+                publish_due=changed.status_task is not None,
+                at=now,
+            ),
+        )
     return owned
 
 
@@ -425,6 +452,7 @@ def record_params(claimed: Claimed, update_: MessageUpdate, *, now: datetime) ->
         "p_sent_via": update_.sent_via,
         "p_next_attempt_at": update_.next_attempt_at if pending else None,
         "p_due_at": update_.due_at if pending else None,
+        "p_event_count": len(update_.events),
     }
 
 
@@ -458,9 +486,20 @@ def settle_without_sending(session: Session, claimed: Claimed, *, now: datetime)
 
     any_sent = any(is_sent(v) for v in claimed.delivered_to.values())
     status = MessageStatus.SENT.value if any_sent else MessageStatus.FAILED.value
-    session.connection().execute(
-        _SETTLE, {"p_id": claimed.id, "p_token": claimed.token, "p_status": status, "p_now": now}
+    changed = changed_rows(
+        session.connection().execute(
+            _SETTLE,
+            {"p_id": claimed.id, "p_token": claimed.token, "p_status": status, "p_now": now},
+        )
     )
+    # A `sent` event already went out with each delivery; only an end in failure is news.
+    if changed and status == MessageStatus.FAILED.value:
+        append(
+            session,
+            claimed.id,
+            [EventDraft(EventType.FAILED, {"reason": "Every recipient was refused."})],
+            now=now,
+        )
     return status
 
 

@@ -218,6 +218,14 @@ class Message(Base):
     priority: Mapped[int] = mapped_column(SmallInteger, default=Priority.NORMAL.value)
     #: The caller's "not before" time, if any (the window starts then); shown to people.
     send_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: The caller's `metadata` object, returned in every event ("metadata" is a name
+    #: SQLAlchemy's declarative classes keep for themselves).
+    caller_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON)
+    #: The caller's task that receives this mail's events by name, and its queue.
+    status_task: Mapped[str | None] = mapped_column(String(200))
+    status_queue: Mapped[str | None] = mapped_column(String(200))
+    #: The last event's sequence number (events.seq), bumped with each change.
+    event_seq: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     sent_via: Mapped[str | None] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
@@ -265,6 +273,49 @@ class AttachmentRow(Base):
     filename: Mapped[str] = mapped_column(String(255))
     content_type: Mapped[str] = mapped_column(String(255))
     data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class EventType(StrEnum):
+    ACCEPTED = "accepted"  #: stored; will be sent
+    DEFERRED = "deferred"  #: an attempt failed for now; retried (why, what to do, when)
+    SENT = "sent"  #: the account's server or the backup provider accepted it
+    RECIPIENT_FAILED = "recipient_failed"  #: one recipient was refused for good
+    FAILED = "failed"  #: it ended without delivery
+    CANCELLED = "cancelled"  #: an operator cancelled it
+
+
+class Event(Base):
+    """A change a sender cares about, written in the transaction that made the change, so
+    an event can never be lost or describe what did not happen. Delivered to the
+    message's `status_task` (by name) from here, at least once, in order per message."""
+
+    __tablename__ = "events"
+    __table_args__ = (
+        UniqueConstraint("message_id", "seq", name="uq_events_message_seq"),
+        # What still has to be published: only those rows, in order.
+        Index(
+            "ix_events_to_publish",
+            "id",
+            postgresql_where=text("publish_due AND published_at IS NULL"),
+            sqlite_where=text("publish_due AND published_at IS NULL"),
+        ),
+        Index("ix_events_account_at", "account_id", "at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    #: The event's public id (a UUID): a redelivered event carries the same one.
+    event_id: Mapped[str] = mapped_column(String(36), unique=True)
+    message_id: Mapped[int] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"))
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
+    #: 1, 2, 3... per message, in the order the changes happened.
+    seq: Mapped[int] = mapped_column(Integer)
+    type: Mapped[str] = mapped_column(String(24))
+    at: Mapped[datetime] = mapped_column(UTCDateTime)
+    #: The fields of this type of event (verdict, code, meaning, advice, recipients...).
+    data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    #: The message has a `status_task`: this event is to be published to it.
+    publish_due: Mapped[bool] = mapped_column(Boolean, default=False)
+    published_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class Attempt(Base):

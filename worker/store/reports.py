@@ -49,6 +49,8 @@ def message_story(session: Session, message_id: int, *, now: datetime) -> dict[s
         "created_at": row.created_at,
         "priority": Priority(row.priority).label,
         "send_at": row.send_at,
+        "metadata": row.caller_metadata,
+        "status_task": row.status_task,
         "deadline": row.deadline,
         "next_attempt_at": row.next_attempt_at
         if row.status == MessageStatus.PENDING.value
@@ -223,6 +225,34 @@ def stats(
                 "fallback_rate": round(via_backup / sent, 4) if sent else 0.0,
                 "oldest_pending_s": round((now - oldest).total_seconds()) if oldest else None,
                 "by_verdict": by_verdict.get(name, {}),
+            }
+        )
+    return out
+
+
+def statuses(session: Session, message_ids: list[int], *, now: datetime) -> list[dict[str, Any]]:
+    """What became of each message, for a service polling by task name (`outbox.status`):
+    one entry per id asked, in order; an id Outbox does not hold says so."""
+    out: list[dict[str, Any]] = []
+    for mid in message_ids:
+        story = message_story(session, mid, now=now)
+        if story is None:
+            out.append({"id": mid, "status": "unknown", "reason": "no message with this id"})
+            continue
+        why = story["why"] or {}
+        out.append(
+            {
+                "id": mid,
+                "status": story["status"],
+                "sent_via": story["sent_via"],
+                "reason": story["last_error"] if story["status"] != "sent" else None,
+                "meaning": why.get("meaning"),
+                "advice": why.get("advice"),
+                "next_attempt_at": story["next_attempt_at"].isoformat()
+                if story["next_attempt_at"]
+                else None,
+                "attempts": story["attempt_count"],
+                "metadata": story["metadata"] or {},
             }
         )
     return out

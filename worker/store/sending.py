@@ -18,12 +18,14 @@ from __future__ import annotations
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import JSON, bindparam, cast, column, func, insert, select, true, update
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from worker.store.messages import (
     ATTEMPT_FIELDS,
+    RECORD_RETURNING,
     RECORD_VALUES,
     AttemptRecord,
     Claimed,
@@ -32,13 +34,14 @@ from worker.store.messages import (
     record,
     record_params,
 )
-from worker.store.models import Attempt, Message, MessageStatus, table
+from worker.store.models import Attempt, Event, Message, MessageStatus, table
 
 if TYPE_CHECKING:
     from worker.store.db import Database
 
 _MESSAGES = table(Message)
 _ATTEMPTS = table(Attempt)
+_EVENTS = table(Event)
 
 
 class AttemptWriter(Protocol):
@@ -81,7 +84,7 @@ def _record_in_one() -> Any:
         update(_MESSAGES)
         .where(_MESSAGES.c.id == bindparam("p_id"), _MESSAGES.c.lease_token == bindparam("p_token"))
         .values(RECORD_VALUES)
-        .returning(_MESSAGES.c.id)
+        .returning(*RECORD_RETURNING)
         .cte("updated")
     )
     # A plain INSERT: SQLAlchemy caches it, not its ON CONFLICT form. The one conflict
@@ -98,9 +101,37 @@ def _record_in_one() -> Any:
         .returning(_ATTEMPTS.c.id)
         .cte("attempt")
     )
+    # The change's events, numbered after the message's new event_seq, only if the
+    # message row changed: `p_events` is a JSON array of {event_id, type, data}.
+    drafts = (
+        func.jsonb_array_elements(bindparam("p_events", type_=JSONB))
+        .table_valued(column("value", JSONB), with_ordinality="ord")
+        .render_derived()
+    )
+    events = (
+        insert(_EVENTS)
+        .from_select(
+            ["event_id", "message_id", "account_id", "seq", "type", "at", "data", "publish_due"],
+            select(
+                drafts.c.value["event_id"].astext,
+                updated.c.id,
+                updated.c.account_id,
+                updated.c.event_seq - bindparam("p_event_count") + drafts.c.ord,
+                drafts.c.value["type"].astext,
+                bindparam("p_now"),
+                cast(drafts.c.value["data"], JSON),
+                updated.c.status_task.is_not(None),
+            )
+            .select_from(updated)
+            .join(drafts, true()),
+        )
+        .returning(_EVENTS.c.id)
+        .cte("events")
+    )
     return select(
         select(func.count()).select_from(updated).scalar_subquery().label("owned"),
         select(func.count()).select_from(attempt).scalar_subquery().label("attempts"),
+        select(func.count()).select_from(events).scalar_subquery().label("events"),
     )
 
 
@@ -125,6 +156,9 @@ class SingleStatementAttemptWriter:
     ) -> bool:
         params = record_params(claimed, update_, now=now)
         params.update({f"a_{k}": v for k, v in attempt_params(claimed, attempt).items()})
+        params["p_events"] = [
+            {"event_id": e.event_id, "type": e.type.value, "data": e.data} for e in update_.events
+        ]
 
         def write(session: Session) -> bool | None:
             try:

@@ -22,7 +22,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from worker.store import drains
-from worker.store.models import Attempt, AttemptOutcome, Channel, MessageStatus
+from worker.store.events import EventDraft, append
+from worker.store.models import Attempt, AttemptOutcome, Channel, EventType, MessageStatus
 from worker.store.models import Message as MessageRow
 
 NO_PROVIDER = (
@@ -144,6 +145,8 @@ def sweep_messages(
             .values(status=MessageStatus.FAILED.value, finished_at=now, last_error=NO_PROVIDER)
             .execution_options(synchronize_session=False)
         )
+        for mid in batch.failed:
+            append(session, mid, [EventDraft(EventType.FAILED, {"reason": NO_PROVIDER})], now=now)
     return batch, freed
 
 

@@ -1,0 +1,114 @@
+"""`outbox events`: the status events Outbox wrote, and sending them again."""
+
+from __future__ import annotations
+
+import click
+
+from worker.cli import tables
+from worker.cli.common import Context, console, emit_json, fail, parse_since, pass_ctx
+from worker.cli.tables import Column
+
+EVENT_COLUMNS = [
+    Column("message", justify="right"),
+    Column("seq", justify="right"),
+    Column("type"),
+    Column("at"),
+    Column("account", min_width=8, max_width=20, drop=2),
+    Column("published", short="pub", drop=1),
+    Column("detail", min_width=20),
+]
+
+
+def _detail(event: dict) -> str:
+    if event["type"] == "sent":
+        return f"{event.get('channel')}: {', '.join(event.get('recipients') or [])}"
+    if event["type"] == "recipient_failed":
+        return f"{event.get('recipient')}: {event.get('meaning') or event.get('server_text')}"
+    if event["type"] in ("deferred", "failed"):
+        return str(event.get("meaning") or event.get("reason") or event.get("server_text") or "")
+    return str(event.get("reason") or "")
+
+
+@click.group("events", invoke_without_command=True)
+@click.option("--message", "message_id", type=int, help="Only this message's events.")
+@click.option("--account", help="Only this account's events.")
+@click.option("--since", help="Written in the last 30m / 2h / 7d, or since an ISO date.")
+@click.option(
+    "--limit",
+    type=click.IntRange(1, 10_000),
+    default=100,
+    show_default=True,
+    help="At most this many (the newest), shown oldest first.",
+)
+@click.option("--wide", is_flag=True, help="Every column in full, however wide.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (the event schema) instead.")
+@click.pass_context
+def events(
+    click_ctx: click.Context,
+    message_id: int | None,
+    account: str | None,
+    since: str | None,
+    limit: int,
+    wide: bool,
+    as_json: bool,
+) -> None:
+    """Status events: what each sender was told about its mail."""
+    if click_ctx.invoked_subcommand is not None:
+        return
+    from worker.store.events import list_events
+
+    ctx = click_ctx.ensure_object(Context)
+    with ctx.db.session() as session:
+        rows = list_events(
+            session,
+            message_id=message_id,
+            account=account,
+            since=parse_since(since),
+            limit=limit,
+        )
+    if as_json:
+        emit_json(rows)
+        return
+    tables.show(
+        console,
+        f"{len(rows)} event(s)",
+        EVENT_COLUMNS,
+        [
+            [
+                e["message_id"],
+                e["seq"],
+                e["type"],
+                e["at"][:19].replace("T", " "),
+                e["account"],
+                (e["published_at"] or "")[:19].replace("T", " ") or "-",
+                _detail(e),
+            ]
+            for e in rows
+        ],
+        wide=wide,
+    )
+
+
+@events.command("redeliver")
+@click.argument("message_id", type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead.")
+@pass_ctx
+def redeliver(ctx: Context, message_id: int, as_json: bool) -> None:
+    """Send a message's events to its status task again (same ids, in order)."""
+    from worker.store.events import redeliver as mark_again
+
+    with ctx.db.session() as session:
+        count = mark_again(session, message_id=message_id)
+    if count == 0:
+        fail(f"message {message_id} has no events for a status task", as_json=as_json)
+    if as_json:
+        emit_json({"message_id": message_id, "events": count})
+    else:
+        console.print(
+            f"{count} event(s) of message {message_id} will be published again "
+            "(by the next `outbox.publish_events`, within OUTBOX_SWEEP_INTERVAL).",
+            highlight=False,
+        )
+
+
+COMMANDS = [events]
