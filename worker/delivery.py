@@ -197,6 +197,24 @@ class _PerMessageSeconds:
             self._seconds.pop(next(iter(self._seconds)))
 
 
+def smtp_account_for(account: Any, box: SecretBox, *, timeout_s: float) -> SmtpAccount:
+    """How to reach an account's server: its stored settings, the password decrypted
+    (for a send, or `outbox account test`), never stored or logged."""
+    password = (
+        box.decrypt(account.smtp_password_encrypted) if account.smtp_password_encrypted else None
+    )
+    return SmtpAccount(
+        key=smtp_key(account),
+        host=account.smtp_host,
+        port=account.smtp_port,
+        username=account.smtp_username,
+        password=password,
+        tls=TlsMode(account.tls_mode),
+        ca_pem=account.ca_pem,
+        timeout_s=timeout_s,
+    )
+
+
 class DeliveryEngine:
     """Sends each account's mail through its own SMTP server; one per worker process.
 
@@ -512,21 +530,7 @@ class DeliveryEngine:
 
     def smtp_account(self, account: drains.DrainAccount | Any) -> SmtpAccount:
         """How to reach the account's server (the password decrypted here, only here)."""
-        password = (
-            self.box.decrypt(account.smtp_password_encrypted)
-            if account.smtp_password_encrypted
-            else None
-        )
-        return SmtpAccount(
-            key=smtp_key(account),
-            host=account.smtp_host,
-            port=account.smtp_port,
-            username=account.smtp_username,
-            password=password,
-            tls=TlsMode(account.tls_mode),
-            ca_pem=account.ca_pem,
-            timeout_s=self.config.smtp_timeout_s,
-        )
+        return smtp_account_for(account, self.box, timeout_s=self.config.smtp_timeout_s)
 
     def _record_with_account(
         self,

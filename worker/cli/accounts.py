@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import click
 
@@ -185,15 +186,11 @@ def account_show(ctx: Context, name: str, as_json: bool) -> None:
 @pass_ctx
 def account_list(ctx: Context, as_json: bool, wide: bool) -> None:
     """All accounts."""
-    from sqlalchemy import select
-
-    from worker.store.models import Account, Incident
+    from worker.store.accounts import accounts_with_open_incidents, all_accounts
 
     with ctx.db.session() as session:
-        open_incidents = set(
-            session.scalars(select(Incident.account_id).where(Incident.closed_at.is_(None)))
-        )
-        rows = [
+        open_incidents = accounts_with_open_incidents(session)
+        rows: list[dict[str, Any]] = [
             {
                 "name": a.name,
                 "host": a.smtp_host,
@@ -205,7 +202,7 @@ def account_list(ctx: Context, as_json: bool, wide: bool) -> None:
                 "incident": a.id in open_incidents,
                 "updated_at": a.updated_at,
             }
-            for a in session.scalars(select(Account).order_by(Account.name))
+            for a in all_accounts(session)
         ]
     if as_json:
         emit_json(rows)
@@ -242,19 +239,18 @@ def account_test(ctx: Context, name: str, as_json: bool) -> None:
     with the server's answer explained.
     """
     from worker.crypto import SecretKeyError
-    from worker.delivery import DeliveryEngine, EngineConfig
+    from worker.delivery import smtp_account_for
     from worker.replies import classify
     from worker.smtp import SmtpConnectionPool
     from worker.store.accounts import get_account
 
     pool = SmtpConnectionPool()
-    engine = DeliveryEngine(ctx.db, ctx.box, pool, EngineConfig.from_settings(ctx.settings))
     with ctx.db.session() as session:
         account = get_account(session, name)
         if account is None:
             fail(f"no account named {name!r}", as_json=as_json)
         try:
-            smtp_account = engine.smtp_account(account)
+            smtp_account = smtp_account_for(account, ctx.box, timeout_s=ctx.settings.smtp_timeout_s)
         except SecretKeyError as exc:
             fail(f"account {name}: {exc}", as_json=as_json)
     reply = pool.probe(smtp_account)

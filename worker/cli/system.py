@@ -156,16 +156,15 @@ def rotate_key(ctx: Context, as_json: bool) -> None:
     The newest is the first of OUTBOX_SECRET_KEY: set OUTBOX_SECRET_KEY=NEW,OLD, run
     this, then drop OLD.
     """
-    from sqlalchemy import select
 
     from worker.crypto import SecretKeyError
-    from worker.store.models import Account
+    from worker.store.accounts import all_accounts
 
     rotated = 0
     try:
         # One transaction: a secret that cannot be decrypted leaves every row as it was.
         with ctx.db.session() as session:
-            for account in session.scalars(select(Account).with_for_update()):
+            for account in all_accounts(session, for_update=True):
                 if account.smtp_password_encrypted:
                     try:
                         account.smtp_password_encrypted = ctx.box.rotate(

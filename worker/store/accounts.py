@@ -244,6 +244,16 @@ def _resize_slots(session: Session, account: Account) -> None:
     session.flush()
 
 
+def all_accounts(session: Session, *, for_update: bool = False) -> list[Account]:
+    """Every account by name (locked for a change of all of them, e.g. a key rotation)."""
+    query = select(Account).order_by(Account.name)
+    return list(session.scalars(query.with_for_update() if for_update else query))
+
+
+def accounts_with_open_incidents(session: Session) -> set[int]:
+    return set(session.scalars(select(Incident.account_id).where(Incident.closed_at.is_(None))))
+
+
 def account_by_id(session: Session, account_id: int) -> Account | None:
     return session.get(Account, account_id)
 
