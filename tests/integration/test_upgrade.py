@@ -1,4 +1,4 @@
-"""Upgrading in place: a database written by the previous release (migration 0001: one
+"""Upgrading in place: a database written by an earlier release (migration 0001: one
 wake-up per message) holds pending, parked and leased mail while the broker still holds
 that release's `outbox.send(message_id)` wake-ups; `outbox db upgrade` and the drains
 deliver all of it, each mail once."""
@@ -44,10 +44,12 @@ VALUES (:message_id, 1, 'smtp', :at, :at, 'deferred', 'temporary', 451, '4.7.1',
 """
 
 
-@pytest.fixture
-def old_database():
+@pytest.fixture(params=["0001", "0003"], ids=["from-0001-per-message", "from-0003-drains"])
+def old_database(request):
+    """A database at an earlier migration head: 0001 (one wake-up per message), 0003
+    (the drains and metrics, before status events)."""
     url, drop = create_pg_database()
-    migrate.upgrade(url, "0001")
+    migrate.upgrade(url, request.param)
     yield url
     drop()
 
@@ -128,6 +130,12 @@ def test_mail_of_the_previous_release_is_delivered_once_after_the_upgrade(
         received = Counter(m.message_id for m in server.messages)
 
     assert count_by_status(old) == {"sent": 30}
+    with old.engine.connect() as conn:
+        # Mail of the previous release is told about from the upgrade on: its sends.
+        sent_events = conn.execute(
+            text("SELECT count(*) FROM events WHERE type = 'sent'")
+        ).scalar_one()
+    assert sent_events == 30
     assert len(received) == 30 and set(received.values()) == {1}, received
     with old.engine.connect() as conn:
         attempts = dict(
