@@ -52,7 +52,7 @@ def events(
     wide: bool,
     as_json: bool,
 ) -> None:
-    """Status events: what each sender was told about its mail."""
+    """Status events: what each sender was told."""
     if click_ctx.invoked_subcommand is not None:
         return
     from worker.store.events import list_events
@@ -94,7 +94,9 @@ def events(
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead.")
 @pass_ctx
 def redeliver(ctx: Context, message_id: int, as_json: bool) -> None:
-    """Send a message's events to its status task again (same ids, in order)."""
+    """Publish a message's events to its status task again.
+
+    The same events, with the same ids, in the same order."""
     from worker.store.events import redeliver as mark_again
 
     with ctx.db.session() as session:
