@@ -429,7 +429,7 @@ def test_database_connections_killed_repeatedly_during_sending(
     dbname = database_name(fenv.values["OUTBOX_DATABASE_URL"])
     started = time.monotonic()
     with ScriptedSMTPServer(tls="none") as server:
-        server.script.hang_after_data_s = 0.01
+        server.script.hang_after_data_s = 0.05  # ~2 s of sending while the kills go on
         make_account(db, box, "acme", port=server.port, tls_mode="none", max_connections=4)
         worker = start_worker(concurrency=2, beat=True)
         ids = enqueue_many(fenv.client(db), "acme", 300)
@@ -457,6 +457,7 @@ def test_database_connections_killed_repeatedly_during_sending(
         started=started,
         note=WINDOW_NOTE,
     )
+    assert killer.terminated >= 3, "the fault never hit: nothing was tested"
     assert stuck == 0
     assert verdict.statuses == {"sent": len(ids)}
     assert not verdict.lost and not verdict.strangers
