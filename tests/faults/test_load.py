@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import pytest
 import redis
+from sqlalchemy import text
 
 from standins.provider import ProviderStub
 from standins.smtp import ScriptedSMTPServer
@@ -310,6 +311,25 @@ def test_load_mixed_behaviour_across_50_accounts(env, db, box, start_worker, rel
             assert f.smtp_attempts() <= most_smtp, (f.id, f.smtp_attempts())
             assert shape[-1] == ("backup", "sent") and f.backup_attempts() == 1, f.attempts
             assert all(s == ("smtp", "deferred") for s in shape[:-1]), f.attempts
+
+    # -- every change is an event, in order, none missing ------------------------------------
+    with db.session() as session:
+        rows = session.execute(
+            text("SELECT message_id, seq, type FROM events ORDER BY message_id, seq")
+        ).all()
+    events_of: dict[int, list[tuple[int, str]]] = {}
+    for mid, seq, type_ in rows:
+        events_of.setdefault(mid, []).append((seq, type_))
+    assert set(events_of) == set(facts), "messages without events"
+    for mid, evs in events_of.items():
+        f = facts[mid]
+        assert [seq for seq, _ in evs] == list(range(1, len(evs) + 1)), (mid, evs)
+        types = [t for _, t in evs]
+        assert types[0] == "accepted", (mid, types)
+        assert types[-1] == ("sent" if f.status == "sent" else "failed"), (mid, types)
+        deferrals = sum(1 for a in f.attempts if a[1] == "deferred")
+        assert types.count("deferred") == deferrals, (mid, types, f.attempts)
+    print(f"  events: {len(rows):,} for {len(events_of):,} messages, in order, none missing")
 
     # -- connection caps and memory -----------------------------------------------------------
     over = {name: n for name, n in caps.items() if n > CAP}
