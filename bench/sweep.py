@@ -5,13 +5,14 @@
 The sweeper asks two questions (worker.store.sweep), each timed on its own:
 
 * `sweep_messages`: messages whose `due_at` passed (a lease that ran out, a deadline).
-  1% of the table is the batches of dead drains (ten messages a lease, their lease over),
-  so at every size a batch of 100 frees ten leases: ten attempts recorded as interrupted,
-  ninety messages given back uncounted.
+  1% of the table is drains' batches whose lease is over (ten messages a lease), so at
+  every size a batch of 100 frees ten leases: ten attempts recorded as interrupted, ninety
+  messages given back uncounted.
 * `sweep_accounts`: accounts with due mail and nobody draining them. 1,000 accounts share
-  the table; another 1% of it is due mail nobody holds (lost wake-ups), all of it in 100
-  of the accounts (one in ten, spread over the ids); the others have only sent mail, the
-  dead leases and retries an hour away. At every size a batch of 100 looks at all 1,000
+  the table: 100 of them (1, 11, ... 991) have due mail nobody holds (lost wake-ups,
+  another 1% of the table), 100 (5, 15, ... 995) hold a connection slot and those leased
+  batches (drains running: as sweep_accounts sees the rows above), the other 800 only
+  sent mail and retries an hour away. At every size a batch of 100 looks at all 1,000
   accounts and wakes the same 100.
 
 Prints a table (and JSON). Uses a throwaway PostgreSQL database on the test server
@@ -46,7 +47,9 @@ INSERT INTO accounts (id, name, smtp_host, smtp_port, tls_mode, allow_plaintext,
     updated_at)
 SELECT a, 'bench' || a, '127.0.0.1', 25, 'none', false, 2, false, 1, 0, now(), now()
 FROM generate_series(1, :n) AS a;
-INSERT INTO smtp_slots (account_id, slot) SELECT a, s
+INSERT INTO smtp_slots (account_id, slot, holder, expires_at)
+SELECT a, s, CASE WHEN a % 10 = 5 AND s = 0 THEN 'bench-drain' END,
+    CASE WHEN a % 10 = 5 AND s = 0 THEN now() + interval '1 hour' END
 FROM generate_series(1, :n) AS a, generate_series(0, 1) AS s;
 """
 
@@ -56,7 +59,9 @@ INSERT INTO messages (account_id, message_id_header, from_addr, to_addrs, cc_add
     created_at, updated_at, deadline, next_attempt_at, due_at, lease_token, lease_until,
     attempt_count, delivered_to)
 SELECT
-    CASE WHEN g % 100 = 3 THEN 1 + 10 * ((g / 100) % :due_accounts) ELSE 1 + g % :accounts END,
+    CASE WHEN g % 100 = 3 THEN 1 + 10 * ((g / 100) % :due_accounts)
+         WHEN g % 100 = 7 THEN 5 + 10 * ((g / 100) % :due_accounts)
+         ELSE 1 + g % :accounts END,
     '<' || g || '@bench.example.com>', 'a@bench.example.com', '["b@example.com"]',
     '[]', '[]', 'bench', 'body', '[]', 0, 10,
     CASE WHEN g % 100 IN (3, 7) OR g % 10 >= 8 THEN 'pending' ELSE 'sent' END, 1,
@@ -65,8 +70,10 @@ SELECT
     -- other pending rows retry in an hour, as the engine leaves them.
     CASE WHEN g % 100 IN (3, 7) THEN now() - interval '1 minute'
          ELSE now() + interval '1 hour' END,
-    -- 1% are the batches of drains whose worker died, ten messages a lease, their lease
-    -- over (sweep_messages' work); the others are looked at by the sweeper at their
+    -- 1% are drains' batches, ten messages a lease, in 100 accounts (5, 15, ... 995):
+    -- their leases are over (sweep_messages' work), their accounts hold a slot (what
+    -- sweep_accounts sees of the drains running). Each query reads only its own columns,
+    -- so one set of rows serves both. The others are looked at by the sweeper at their
     -- deadline, as the engine leaves them.
     CASE WHEN g % 100 = 7 THEN now() - interval '1 minute' - g * interval '1 microsecond'
          ELSE now() + interval '1 day' END,
