@@ -42,36 +42,19 @@ def _check(target: str, value: str, ok: bool) -> dict[str, Any]:
 
 
 def verdicts(r: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each target with its figure, limit and PASS/FAIL."""
+    """Each target with its figure, limit and PASS/FAIL (of the phases that ran)."""
     out: list[dict[str, Any]] = []
-    f = r["fairness"]
-    p99 = f["b_latency"]["p99_s"]
-    out.append(
-        _check(
-            f"fairness: B's p99 enqueue->250 while A's {f['backlog']:,} drain "
-            f"<= {TARGETS['fairness_p99_s']:g} s",
-            f"{p99:.2f} s (p50 {f['b_latency']['p50_s']:.2f}, max {f['b_latency']['max_s']:.2f}, "
-            f"{f['b_latency']['n']} mails)",
-            p99 <= TARGETS["fairness_p99_s"],
-        )
-    )
-    share = TARGETS["drain_rate_share"]
-    out.append(
-        _check(
-            f"fairness: A's drain rate >= {share:.0%} of {f['a_max_connections']} connections / "
-            f"{f['slow_relay_s'] * 1000:.0f} ms = {share * f['a_ceiling_msgs_per_s']:.0f} msg/s",
-            f"{f['a_msgs_per_s']:.1f} msg/s = {f['a_msgs_per_s'] / f['a_ceiling_msgs_per_s']:.0%} "
-            f"(peak {f['a_peak_connections']} connections)",
-            f["a_msgs_per_s"] >= share * f["a_ceiling_msgs_per_s"],
-        )
-    )
-    noop = r["ceiling_celery"]["tasks_per_s"]
+    if "fairness" in r:
+        out += _fairness_checks(r["fairness"])
+    noop = r.get("ceiling_celery", {}).get("tasks_per_s")
     for key, label in (
         ("e2e_by_name_one", "outbox.enqueue by name"),
         ("e2e_by_name_many", "outbox.enqueue_many by name"),
         ("e2e_python_many", "Python door enqueue_many"),
         ("e2e_python_one", "Python door enqueue"),
     ):
+        if key not in r or not noop:
+            continue
         rate = r[key]["msgs_per_s"]
         limit = TARGETS[f"{key}_vs_noop"]
         out.append(
@@ -86,6 +69,8 @@ def verdicts(r: dict[str, Any]) -> list[dict[str, Any]]:
         ("e2e_by_name_many", "in bulk by name (enqueue_many)", TARGETS["tasks_per_mail_bulk"]),
         ("e2e_python_many", "in bulk, Python door (enqueue_many)", TARGETS["tasks_per_mail_bulk"]),
     ):
+        if key not in r:
+            continue
         per = r[key]["tasks_per_message"]
         out.append(
             _check(
@@ -94,45 +79,69 @@ def verdicts(r: dict[str, Any]) -> list[dict[str, Any]]:
                 per <= limit,
             )
         )
-    raw = r["ceiling_smtp"]["client_ms_per_msg"]
-    pool = r["smtp_pool"]["client_ms_per_msg"]
-    reuse = min(r[d]["msgs_per_connection"] for d, _ in DOORS)
-    out.append(
-        _check(
-            f"SMTP cost/msg with reuse (pool) <= {TARGETS['smtp_vs_raw']}x raw smtplib, end to "
-            f"end >= {TARGETS['msgs_per_connection']} msgs/connection",
-            f"{pool:.3f} vs {raw:.3f} ms = {pool / raw:.2f}x; end to end >= {reuse:g} "
-            "msgs/connection",
-            pool <= TARGETS["smtp_vs_raw"] * raw and reuse >= TARGETS["msgs_per_connection"],
-        )
-    )
-    mem = r["memory"]
-    for key, label, snap_key in (
-        ("growth_parked_mb", "parked in the database", "parked_in_db"),
-        ("growth_due_soon_mb", "due within OUTBOX_COUNTDOWN_MAX", "due_soon"),
-    ):
+    doors = [d for d, _ in DOORS if d in r]
+    if "smtp_pool" in r and doors:
+        raw = r["ceiling_smtp"]["client_ms_per_msg"]
+        pool = r["smtp_pool"]["client_ms_per_msg"]
+        reuse = min(r[d]["msgs_per_connection"] for d in doors)
         out.append(
             _check(
-                f"memory: {mem['deferred']:,} deferred ({label}) <= idle + "
-                f"{TARGETS['memory_mb']:g} MB",
-                f"{mem['idle']['worker']['total_mb']} -> {mem[snap_key]['worker']['total_mb']} "
-                f"MB ({mem[key]:+g} MB)",
-                mem[key] <= TARGETS["memory_mb"],
+                f"SMTP cost/msg with reuse (pool) <= {TARGETS['smtp_vs_raw']}x raw smtplib, end "
+                f"to end >= {TARGETS['msgs_per_connection']} msgs/connection",
+                f"{pool:.3f} vs {raw:.3f} ms = {pool / raw:.2f}x; end to end >= {reuse:g} "
+                "msgs/connection",
+                pool <= TARGETS["smtp_vs_raw"] * raw and reuse >= TARGETS["msgs_per_connection"],
             )
         )
-    sweep = r["sweep"]
-    largest, smallest = sweep[-1], sweep[0]
-    for kind in ("sweep_messages", "sweep_accounts"):
-        big, small = largest[kind]["median_ms"], smallest[kind]["median_ms"]
-        out.append(
-            _check(
-                f"{kind}: batch at {largest['messages']:,} < {TARGETS['sweep_ms']:g} ms and "
-                f"<= {TARGETS['sweep_ratio']:g}x its time at {smallest['messages']:,}",
-                f"{big:.2f} ms = {big / small:.2f}x {small:.2f} ms",
-                big < TARGETS["sweep_ms"] and big / small <= TARGETS["sweep_ratio"],
+    if "memory" in r:
+        mem = r["memory"]
+        for key, label, snap_key in (
+            ("growth_parked_mb", "parked in the database", "parked_in_db"),
+            ("growth_due_soon_mb", "due within OUTBOX_COUNTDOWN_MAX", "due_soon"),
+        ):
+            out.append(
+                _check(
+                    f"memory: {mem['deferred']:,} deferred ({label}) <= idle + "
+                    f"{TARGETS['memory_mb']:g} MB",
+                    f"{mem['idle']['worker']['total_mb']} -> "
+                    f"{mem[snap_key]['worker']['total_mb']} MB ({mem[key]:+g} MB)",
+                    mem[key] <= TARGETS["memory_mb"],
+                )
             )
-        )
+    if "sweep" in r:
+        largest, smallest = r["sweep"][-1], r["sweep"][0]
+        for kind in ("sweep_messages", "sweep_accounts"):
+            big, small = largest[kind]["median_ms"], smallest[kind]["median_ms"]
+            out.append(
+                _check(
+                    f"{kind}: batch at {largest['messages']:,} < {TARGETS['sweep_ms']:g} ms and "
+                    f"<= {TARGETS['sweep_ratio']:g}x its time at {smallest['messages']:,}",
+                    f"{big:.2f} ms = {big / small:.2f}x {small:.2f} ms",
+                    big < TARGETS["sweep_ms"] and big / small <= TARGETS["sweep_ratio"],
+                )
+            )
     return out
+
+
+def _fairness_checks(f: dict[str, Any]) -> list[dict[str, Any]]:
+    p99 = f["b_latency"]["p99_s"]
+    share = TARGETS["drain_rate_share"]
+    return [
+        _check(
+            f"fairness: B's p99 enqueue->250 while A's {f['backlog']:,} drain "
+            f"<= {TARGETS['fairness_p99_s']:g} s",
+            f"{p99:.2f} s (p50 {f['b_latency']['p50_s']:.2f}, max {f['b_latency']['max_s']:.2f}, "
+            f"{f['b_latency']['n']} mails)",
+            p99 <= TARGETS["fairness_p99_s"],
+        ),
+        _check(
+            f"fairness: A's drain rate >= {share:.0%} of {f['a_max_connections']} connections / "
+            f"{f['slow_relay_s'] * 1000:.0f} ms = {share * f['a_ceiling_msgs_per_s']:.0f} msg/s",
+            f"{f['a_msgs_per_s']:.1f} msg/s = {f['a_msgs_per_s'] / f['a_ceiling_msgs_per_s']:.0%} "
+            f"(peak {f['a_peak_connections']} connections)",
+            f["a_msgs_per_s"] >= share * f["a_ceiling_msgs_per_s"],
+        ),
+    ]
 
 
 def _tasks(tasks: dict[str, Any]) -> str:
@@ -161,114 +170,40 @@ def _lat(s: dict[str, Any]) -> str:
 
 def table(r: dict[str, Any]) -> str:
     rows: list[tuple[str, str]] = []
-    s, c = r["ceiling_smtp"], r["ceiling_celery"]
     conc = r["meta"]["args"]["concurrency"]
-    rows.append(
-        (
-            "Ceiling: raw smtplib, 1 connection",
-            f"{s['msgs_per_s']:,.0f} msg/s  ({s['client_ms_per_msg']:.3f} ms/msg client, "
-            f"{s['sink_tx_median_ms']:.3f} ms MAIL->DATA at sink; {s['message_bytes']:,} B)",
-        )
-    )
-    p = r["smtp_pool"]
-    rows.append(
-        (
-            "SMTP via SmtpConnectionPool.send",
-            f"{p['msgs_per_s']:,.0f} msg/s  ({p['client_ms_per_msg']:.3f} ms/msg = "
-            f"{p['client_ms_per_msg'] / s['client_ms_per_msg']:.2f}x raw; "
-            f"{p['connections']} connections)",
-        )
-    )
-    rows.append(
-        (
-            f"Ceiling: Celery no-op, prefork -c{conc}",
-            f"{c['tasks_per_s']:,.0f} tasks/s  "
-            f"(prefetch x{c['settings']['worker_prefetch_multiplier']}, acks_late, -E)",
-        )
-    )
-    rows.append(("  CPU per task (no-op)", cpu_line(c["cpu_ms_per_task"], cpus=_cpus(r))))
-
-    f = r["fairness"]
-    rows.append(
-        (
-            f"Fairness: B by name every {f['b_interval_s']:g} s, {f['window_s']:.0f} s",
-            f"enqueue->250 {_lat(f['b_latency'])}, while A's {f['backlog']:,} drain "
-            f"(accepted in {f['backlog_accept_s']:.1f} s, {f['a_pending_after']:,} still pending "
-            "after)",
-        )
-    )
-    rows.append(
-        (
-            "  A's drain rate (slow relay)",
-            f"{f['a_msgs_per_s']:.1f} msg/s = {f['a_msgs_per_s'] / f['a_ceiling_msgs_per_s']:.0%}"
-            f" of {f['a_max_connections']} x 1/{f['slow_relay_s']:g} s; peak "
-            f"{f['a_peak_connections']} connections; -c{f['concurrency']}",
-        )
-    )
-    b = r["burst"]
-    rows.append(
-        (
-            f"Burst: {b['messages']:,} outbox.enqueue by name (C)",
-            f"published in {b['publish_s']:.1f} s, all stored after {b['all_stored_after_s']:.1f} "
-            f"s ({b['intake_msgs_per_s']:,.0f}/s), all sent after {b['all_sent_after_s']:.1f} s",
-        )
-    )
-    for phase, lat in b["b_latency"].items():
-        rows.append((f"  B's enqueue->250, {phase} the burst", _lat(lat)))
-
-    setup = r["e2e_setup"]
-    noop = c["tasks_per_s"]
-    rows.append(
-        (
-            "End to end: set-up",
-            f"{setup['accounts']} accounts on the fast sink, max_connections "
-            f"{setup['max_connections']} each, worker -c{setup['concurrency']}, drain batch "
-            f"{setup['drain_batch']} / {setup['drain_seconds']:g} s; timed from the first call "
-            "to the last 250 recorded",
-        )
-    )
-    for key, label in DOORS:
-        e = r[key]
+    if "ceiling_smtp" in r:
+        rows += _smtp_rows(r)
+    noop = None
+    if "ceiling_celery" in r:
+        c = r["ceiling_celery"]
+        noop = c["tasks_per_s"]
         rows.append(
             (
-                f"End to end, {label}",
-                f"{e['msgs_per_s']:,.0f} mail/s = {e['msgs_per_s'] / noop:.0%} of no-op  "
-                f"({e['messages']:,} in {e['seconds']:.1f} s; calls took {e['calls_s']:.1f} s, "
-                f"all stored after {e['all_stored_after_s']:.1f} s)",
+                f"Ceiling: Celery no-op, prefork -c{conc}",
+                f"{c['tasks_per_s']:,.0f} tasks/s  "
+                f"(prefetch x{c['settings']['worker_prefetch_multiplier']}, acks_late, -E)",
             )
         )
+        rows.append(("  CPU per task (no-op)", cpu_line(c["cpu_ms_per_task"], cpus=_cpus(r))))
+    if "fairness" in r:
+        rows += _fairness_rows(r["fairness"])
+    if "burst" in r:
+        b = r["burst"]
         rows.append(
             (
-                "  Celery messages per mail",
-                f"{e['tasks_per_message']:.3f}  ({_tasks(e['tasks'])})",
+                f"Burst: {b['messages']:,} outbox.enqueue by name (C)",
+                f"published in {b['publish_s']:.1f} s, all stored after "
+                f"{b['all_stored_after_s']:.1f} s ({b['intake_msgs_per_s']:,.0f}/s), all sent "
+                f"after {b['all_sent_after_s']:.1f} s; Celery messages: {_tasks(b['tasks'])}",
             )
         )
-        rows.append(("  CPU per mail", cpu_line(e["cpu_ms_per_message"], cpus=_cpus(r))))
-        rows.append(
-            (
-                "  SMTP / attempt",
-                f"{e['smtp_connections']} connections, {e['msgs_per_connection']:g} msgs each; "
-                f"MAIL->DATA {e['sink_tx_median_ms']:.3f} ms at sink; attempt started->finished "
-                f"median {e['attempt_median_ms']:.2f} ms, p90 {e['attempt_p90_ms']:.2f} ms",
-            )
-        )
-    m = r["memory"]
-    for key, label in (
-        ("idle", "idle (warm)"),
-        ("parked_in_db", f"{m['deferred']:,} parked in DB"),
-        ("due_soon", f"{m['deferred']:,} due within COUNTDOWN_MAX"),
-    ):
-        snap = m[key]
-        rows.append(
-            (
-                f"Memory: {label}",
-                f"worker {snap['worker']['total_mb']:.1f} MB "
-                f"(main {snap['worker']['main_mb']:.1f} + {snap['worker']['children_mb']}), "
-                f"redis {snap['redis_used_mb']:.1f} MB, countdowns held {snap['unacked']:,}, "
-                f"waiting in outbox.retry {snap['retry_queue']:,}",
-            )
-        )
-    for row in r["sweep"]:
+        for phase, lat in b["b_latency"].items():
+            rows.append((f"  B's enqueue->250, {phase} the burst", _lat(lat)))
+    if "e2e_setup" in r:
+        rows += _e2e_rows(r, noop)
+    if "memory" in r:
+        rows += _memory_rows(r["memory"])
+    for row in r.get("sweep", []):
         sm, sa = row["sweep_messages"], row["sweep_accounts"]
         rows.append(
             (
@@ -279,12 +214,12 @@ def table(r: dict[str, Any]) -> str:
                 f"{sa['uses_index']}",
             )
         )
-    width = max(len(a) for a, _ in rows)
+    width = max((len(a) for a, _ in rows), default=0)
     lines = ["", "Figures", "-" * 100]
     lines += [f"{a:<{width}}  {b}" for a, b in rows]
     lines += ["", "Targets", "-" * 100]
     checks = r["targets"]
-    twidth = max(len(v["target"]) for v in checks)
+    twidth = max((len(v["target"]) for v in checks), default=0)
     lines += [
         f"{'PASS' if v['pass'] else 'FAIL'}  {v['target']:<{twidth}}  {v['value']}" for v in checks
     ]
@@ -301,3 +236,94 @@ def table(r: dict[str, Any]) -> str:
         + ("  << other work was running: rates are lower bounds" if loads[0] > cpus * 0.5 else "")
     )
     return "\n".join(lines)
+
+
+def _smtp_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
+    s, p = r["ceiling_smtp"], r["smtp_pool"]
+    return [
+        (
+            "Ceiling: raw smtplib, 1 connection",
+            f"{s['msgs_per_s']:,.0f} msg/s  ({s['client_ms_per_msg']:.3f} ms/msg client, "
+            f"{s['sink_tx_median_ms']:.3f} ms MAIL->DATA at sink; {s['message_bytes']:,} B)",
+        ),
+        (
+            "SMTP via SmtpConnectionPool.send",
+            f"{p['msgs_per_s']:,.0f} msg/s  ({p['client_ms_per_msg']:.3f} ms/msg = "
+            f"{p['client_ms_per_msg'] / s['client_ms_per_msg']:.2f}x raw; "
+            f"{p['connections']} connections)",
+        ),
+    ]
+
+
+def _fairness_rows(f: dict[str, Any]) -> list[tuple[str, str]]:
+    return [
+        (
+            f"Fairness: B by name every {f['b_interval_s']:g} s, {f['window_s']:.0f} s",
+            f"enqueue->250 {_lat(f['b_latency'])}, while A's {f['backlog']:,} drain "
+            f"(accepted in {f['backlog_accept_s']:.1f} s, {f['a_pending_after']:,} still pending "
+            "after)",
+        ),
+        (
+            "  A's drain rate (slow relay)",
+            f"{f['a_msgs_per_s']:.1f} msg/s = {f['a_msgs_per_s'] / f['a_ceiling_msgs_per_s']:.0%}"
+            f" of {f['a_max_connections']} x 1/{f['slow_relay_s']:g} s; peak "
+            f"{f['a_peak_connections']} connections; -c{f['concurrency']}",
+        ),
+    ]
+
+
+def _e2e_rows(r: dict[str, Any], noop: float | None) -> list[tuple[str, str]]:
+    setup = r["e2e_setup"]
+    rows = [
+        (
+            "End to end: set-up",
+            f"{setup['accounts']} accounts on the fast sink, max_connections "
+            f"{setup['max_connections']} each, worker -c{setup['concurrency']}, drain batch "
+            f"{setup['drain_batch']} / {setup['drain_seconds']:g} s; timed from the first call "
+            "to the last 250 recorded",
+        )
+    ]
+    for key, label in DOORS:
+        e = r[key]
+        share = f" = {e['msgs_per_s'] / noop:.0%} of no-op" if noop else ""
+        rows.append(
+            (
+                f"End to end, {label}",
+                f"{e['msgs_per_s']:,.0f} mail/s{share}  ({e['messages']:,} in {e['seconds']:.1f}"
+                f" s; calls took {e['calls_s']:.1f} s, all stored after "
+                f"{e['all_stored_after_s']:.1f} s)",
+            )
+        )
+        rows.append(
+            ("  Celery messages per mail", f"{e['tasks_per_message']:.3f}  ({_tasks(e['tasks'])})")
+        )
+        rows.append(("  CPU per mail", cpu_line(e["cpu_ms_per_message"], cpus=_cpus(r))))
+        rows.append(
+            (
+                "  SMTP / attempt",
+                f"{e['smtp_connections']} connections, {e['msgs_per_connection']:g} msgs each; "
+                f"MAIL->DATA {e['sink_tx_median_ms']:.3f} ms at sink; attempt started->finished "
+                f"median {e['attempt_median_ms']:.2f} ms, p90 {e['attempt_p90_ms']:.2f} ms",
+            )
+        )
+    return rows
+
+
+def _memory_rows(m: dict[str, Any]) -> list[tuple[str, str]]:
+    rows = []
+    for key, label in (
+        ("idle", "idle (warm)"),
+        ("parked_in_db", f"{m['deferred']:,} parked in DB"),
+        ("due_soon", f"{m['deferred']:,} due within COUNTDOWN_MAX"),
+    ):
+        snap = m[key]
+        rows.append(
+            (
+                f"Memory: {label}",
+                f"worker {snap['worker']['total_mb']:.1f} MB "
+                f"(main {snap['worker']['main_mb']:.1f} + {snap['worker']['children_mb']}), "
+                f"redis {snap['redis_used_mb']:.1f} MB, countdowns held {snap['unacked']:,}, "
+                f"waiting in outbox.retry {snap['retry_queue']:,}",
+            )
+        )
+    return rows
