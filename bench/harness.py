@@ -118,29 +118,60 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def machine_cpu_s() -> tuple[float, float]:
+    """CPU seconds the whole machine spent busy (all cores) and lost to steal (the
+    hypervisor gave the time to another guest), from /proc/stat, since boot."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    tick = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq) / tick, steal / tick
+
+
 class CpuMeter:
-    """CPU used by groups of processes during a timed window, per message.
+    """CPU used by groups of processes during a timed window, per message; and what the
+    rest of the machine did meanwhile.
 
     Each group is a function listing its pids now; a process that appears during the
     window (a database connection opened lazily) counts from zero. This is what says
     where a message's cost goes: the worker, PostgreSQL, the SMTP sink, Redis, the caller.
+    The machine's figures say how much of it other work took (other sessions' tests on a
+    shared box, and steal on a virtual machine): the cores our processes did not get.
     """
 
     def __init__(self, groups: dict[str, Callable[[], list[int]]]) -> None:
         self.groups = groups
         self.before: dict[str, dict[int, float]] = {}
+        self.machine: dict[str, float] = {}
 
     def start(self) -> None:
         self.before = {
             name: {pid: cpu_s(pid) for pid in pids()} for name, pids in self.groups.items()
         }
+        self._machine_before = machine_cpu_s()
+        self._started = time.monotonic()
 
-    def per_message_ms(self, messages: int) -> dict[str, float]:
+    def used_s(self) -> dict[str, float]:
+        """CPU seconds per group since `start`; also sets `machine` for the window."""
         used: dict[str, float] = {}
         for name, pids in self.groups.items():
             seen = self.before[name]
             now = {pid: cpu_s(pid) for pid in {*seen, *pids()}}
             used[name] = sum(now[pid] - seen.get(pid, 0.0) for pid in now)
+        busy, steal = machine_cpu_s()
+        window = max(1e-6, time.monotonic() - self._started)
+        ours = sum(used.values())
+        self.machine = {
+            "window_s": round(window, 2),
+            "cores": os.cpu_count() or 1,
+            "ours_cores": round(ours / window, 2),
+            "others_cores": round(max(0.0, busy - self._machine_before[0] - ours) / window, 2),
+            "steal_cores": round((steal - self._machine_before[1]) / window, 2),
+        }
+        return used
+
+    def per_message_ms(self, messages: int) -> dict[str, float]:
+        used = self.used_s()
         out = {name: round(v / messages * 1000, 3) for name, v in used.items()}
         out["total"] = round(sum(used.values()) / messages * 1000, 3)
         return out

@@ -164,6 +164,16 @@ def cpu_line(cpu: dict[str, float], *, cpus: int) -> str:
     return line + (f", the worker's main process at {1000 / main:,.0f}/s" if main else "")
 
 
+def machine(m: dict[str, Any] | None) -> str:
+    """What else used the machine during a measured window."""
+    if not m:
+        return "(not measured)"
+    return (
+        f"other processes {m['others_cores']:.2f} + steal {m['steal_cores']:.2f} of "
+        f"{m['cores']} cores (the benchmark's {m['ours_cores']:.2f}) over {m['window_s']:.0f} s"
+    )
+
+
 def _lat(s: dict[str, Any]) -> str:
     return f"p50 {s['p50_s']:.2f} s, p99 {s['p99_s']:.2f} s, max {s['max_s']:.2f} s ({s['n']})"
 
@@ -185,6 +195,7 @@ def table(r: dict[str, Any]) -> str:
             )
         )
         rows.append(("  CPU per task (no-op)", cpu_line(c["cpu_ms_per_task"], cpus=_cpus(r))))
+        rows.append(("  machine meanwhile", machine(c.get("machine"))))
     if "fairness" in r:
         rows += _fairness_rows(r["fairness"])
     if "burst" in r:
@@ -199,6 +210,7 @@ def table(r: dict[str, Any]) -> str:
         )
         for phase, lat in b["b_latency"].items():
             rows.append((f"  B's enqueue->250, {phase} the burst", _lat(lat)))
+        rows.append(("  machine during the burst", machine(b.get("machine"))))
     if "e2e_setup" in r:
         rows += _e2e_rows(r, noop)
     if "memory" in r:
@@ -252,6 +264,7 @@ def _smtp_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
             f"{p['client_ms_per_msg'] / s['client_ms_per_msg']:.2f}x raw; "
             f"{p['connections']} connections)",
         ),
+        ("  machine (raw / pool)", f"{machine(s.get('machine'))} / {machine(p.get('machine'))}"),
     ]
 
 
@@ -269,6 +282,7 @@ def _fairness_rows(f: dict[str, Any]) -> list[tuple[str, str]]:
             f" of {f['a_max_connections']} x 1/{f['slow_relay_s']:g} s; peak "
             f"{f['a_peak_connections']} connections; -c{f['concurrency']}",
         ),
+        ("  machine meanwhile", machine(f.get("machine"))),
     ]
 
 
@@ -298,6 +312,7 @@ def _e2e_rows(r: dict[str, Any], noop: float | None) -> list[tuple[str, str]]:
             ("  Celery messages per mail", f"{e['tasks_per_message']:.3f}  ({_tasks(e['tasks'])})")
         )
         rows.append(("  CPU per mail", cpu_line(e["cpu_ms_per_message"], cpus=_cpus(r))))
+        rows.append(("  machine meanwhile", machine(e.get("machine"))))
         rows.append(
             (
                 "  SMTP / attempt",

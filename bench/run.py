@@ -322,6 +322,21 @@ class Bench:
             )
             return [r[0] for r in rows]
 
+    def window_meter(self) -> CpuMeter:
+        """Every process of the benchmark, for a window whose figure is a latency or a
+        rate: the machine's share taken by other work is what it is read against."""
+        me = os.getpid()
+        worker = self.worker
+        return CpuMeter(
+            {
+                "worker": lambda: [worker.pid, *descendants(worker.pid)] if worker else [],
+                "postgres": self.pg_backends,
+                "sinks": lambda: [self.sink.proc.pid, self.slow_sink.proc.pid],
+                "redis": self.redis_pid,
+                "bench": lambda: [me, self.counter.proc.pid],
+            }
+        )
+
     def e2e_meter(self, proc: subprocess.Popen[bytes]) -> CpuMeter:
         me = os.getpid()
         return CpuMeter(
@@ -427,10 +442,13 @@ class Bench:
         self.sink.stats(reset=True)
         smtp = smtplib.SMTP("127.0.0.1", self.sink.port, local_hostname="bench.local")
         smtp.ehlo()
+        meter = self.window_meter()
+        meter.start()
         started = time.perf_counter()
         for i in range(n):
             smtp.sendmail("noreply@bench.example.com", [f"user{i}@example.com"], self.sample)
         elapsed = time.perf_counter() - started
+        meter.used_s()
         smtp.quit()
         sink = self.sink.stats(reset=True)
         assert sink["messages"] == n, sink
@@ -442,6 +460,7 @@ class Bench:
             "client_ms_per_msg": round(elapsed / n * 1000, 3),
             "sink_tx_median_ms": round(sink["tx_median_ms"], 3),
             "sink": sink,
+            "machine": meter.machine,
         }
         log(f"  {n / elapsed:,.0f} msg/s ({elapsed / n * 1000:.2f} ms/msg)")
 
@@ -461,6 +480,8 @@ class Bench:
             tls=TlsMode.NONE,
             timeout_s=self.settings.smtp_timeout_s,
         )
+        meter = self.window_meter()
+        meter.start()
         started = time.perf_counter()
         for i in range(n):
             result = pool.send(
@@ -468,6 +489,7 @@ class Bench:
             )
             assert result.delivered, result.reply
         elapsed = time.perf_counter() - started
+        meter.used_s()
         pool.close()
         sink = self.sink.stats(reset=True)
         self.results["smtp_pool"] = {
@@ -478,6 +500,7 @@ class Bench:
             "connections": sink["connections"],
             "sink_tx_median_ms": round(sink["tx_median_ms"], 3),
             "sink": sink,
+            "machine": meter.machine,
         }
         log(
             f"  {n / elapsed:,.0f} msg/s ({elapsed / n * 1000:.2f} ms/msg, "
@@ -514,7 +537,8 @@ class Bench:
             f"ceiling: Celery no-op, {n} tasks, prefork -c {self.args.concurrency}, "
             f"prefetch x{conf['worker_prefetch_multiplier']}"
         )
-        self.redis.delete(noop_app.COUNTER_KEY, noop_app.FINISHED_KEY)
+        assert self.worker is None
+        self.redis.flushdb()  # what earlier phases' workers left behind
         client = self.celery_client("bench-noop-client")
         t0 = time.perf_counter()
         # Pre-published in pipelined batches (kombu's Producer.batch): not timed.
@@ -564,6 +588,7 @@ class Bench:
             "tasks_per_s": round(n / elapsed, 1),
             "publish_per_s": round(n / publish_s, 1),
             "cpu_ms_per_task": cpu,
+            "machine": meter.machine,
             "settings": conf,
         }
         log(f"  {n / elapsed:,.0f} tasks/s (published at {n / publish_s:,.0f}/s)")
@@ -597,12 +622,15 @@ class Bench:
         )
         self.counter.stats(reset=True)
         pacer = Pacer(self.redis_url, "b", interval_s=0.5, duration_s=seconds, key_prefix="b-fair")
+        meter = self.window_meter()
+        meter.start()
         window_start = time.time()
         a_before = self.slow_sink.stats()["messages"]
         pacer.start()
         pacer.join(timeout=seconds + 30)
         pacer.stop()
         window_end = time.time()
+        meter.used_s()
         a_in_window = self.slow_sink.stats()["messages"] - a_before
         waits = self.latencies(pacer.sent, timeout=60)
         a_sent_db = self.scalar(
@@ -641,6 +669,7 @@ class Bench:
             "slow_relay_s": SLOW_RELAY_S,
             "tasks_in_window": tasks,
             "concurrency": self.args.concurrency,
+            "machine": meter.machine,
         }
         log(
             f"  B: p50 {statistics.median(waits):.2f} s, p99 {nearest_rank(waits, 0.99):.2f} s, "
@@ -677,6 +706,8 @@ class Bench:
         client = self.celery_client("bench-burst")
         since = self.max_id()
         self.counter.stats(reset=True)
+        meter = self.window_meter()
+        meter.start()
         burst_start = time.time()
         with client.producer_or_acquire() as producer:
             for i in range(n):
@@ -708,6 +739,7 @@ class Bench:
                 c=c,
                 s=since,
             )
+            meter.used_s()
             # B keeps sending a little after the burst: its latency once it is over.
             after = time.time()
             wait_until(lambda: pacer.last_at > after + 2.0, timeout=30, message="B after")
@@ -729,6 +761,7 @@ class Bench:
             "b_latency": {k: spread(v) for k, v in phases.items() if v},
             "tasks": tasks,
             "concurrency": self.args.concurrency,
+            "machine": meter.machine,
         }
         during = phases["during"]
         log(
@@ -821,6 +854,7 @@ class Bench:
                     "cpu_ms_per_message": cpu,
                     "tasks": tasks,
                     "tasks_per_message": round(tasks["total"] / n, 4),
+                    "machine": meter.machine,
                 }
             )
             self.results[key] = figures
