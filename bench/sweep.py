@@ -77,14 +77,14 @@ SELECT
     -- deadline, as the engine leaves them.
     CASE WHEN g % 100 = 7 THEN now() - interval '1 minute' - g * interval '1 microsecond'
          ELSE now() + interval '1 day' END,
-    CASE WHEN g % 100 = 7 THEN 'dead-' || (g / 1000) END,
+    CASE WHEN g % 100 = 7 THEN 'dead-' || (g / (100 * :per_lease)) END,
     CASE WHEN g % 100 = 7 THEN now() - interval '1 minute' END,
     CASE WHEN g % 100 = 7 THEN 1 ELSE 0 END, '{}'
 FROM generate_series(CAST(:start AS bigint), CAST(:stop AS bigint)) AS g
 """
 
 
-def fill(db: Database, total: int) -> None:
+def fill(db: Database, total: int, *, per_lease: int = 10) -> None:
     with db.engine.begin() as conn:
         current = conn.execute(text("SELECT count(*) FROM messages")).scalar() or 0
         step = 200_000
@@ -96,6 +96,7 @@ def fill(db: Database, total: int) -> None:
                     "stop": min(total, start + step - 1),
                     "accounts": ACCOUNTS,
                     "due_accounts": DUE_ACCOUNTS,
+                    "per_lease": per_lease,
                 },
             )
     with db.engine.connect() as conn:
@@ -147,9 +148,11 @@ def measure(
     *,
     batch: int = 100,
     repeats: int = 7,
+    per_lease: int = 10,
     progress: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
-    """Fill a throwaway database to each size in turn and time one batch of each query."""
+    """Fill a throwaway database to each size in turn and time one batch of each query.
+    `per_lease`: messages in each expired lease (a batch of 100 frees 100 / per_lease)."""
     url, drop = create_pg_database()
     try:
         migrate.upgrade(url)
@@ -161,7 +164,7 @@ def measure(
         rows: list[dict[str, Any]] = []
         for size in sorted(sizes):
             t0 = time.perf_counter()
-            fill(db, size)
+            fill(db, size, per_lease=per_lease)
             fill_s = time.perf_counter() - t0
             timings = time_batches(db, batch=batch, repeats=repeats)
             row: dict[str, Any] = {
@@ -170,6 +173,7 @@ def measure(
                 "accounts": ACCOUNTS,
                 "due_accounts": DUE_ACCOUNTS,
                 "batch": batch,
+                "per_lease": per_lease,
                 "fill_s": round(fill_s, 1),
             }
             for kind, values in timings.items():
@@ -217,12 +221,23 @@ def main() -> None:
         "the same work",
     )
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument(
+        "--per-lease",
+        type=int,
+        default=10,
+        help="messages in each expired lease: a batch frees batch / per-lease leases, each "
+        "with an interrupted attempt to record",
+    )
     parser.add_argument("--json", dest="json_path")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
 
     rows = measure(
-        sizes, batch=args.batch, repeats=args.repeats, progress=lambda line: print(line, flush=True)
+        sizes,
+        batch=args.batch,
+        repeats=args.repeats,
+        per_lease=args.per_lease,
+        progress=lambda line: print(line, flush=True),
     )
     for kind in ("sweep_messages", "sweep_accounts"):
         base = rows[0][kind]["median_ms"]
