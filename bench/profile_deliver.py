@@ -1,13 +1,15 @@
-"""What one delivery costs, in process: `DeliveryEngine.deliver` in a loop, no Celery.
+"""What a drain costs, in process: `DeliveryEngine.drain` in a loop, no Celery.
 
-    python -m bench.profile_deliver [--messages 2000] [--profile text|html|none]
+    python -m bench.profile_deliver [--messages 2000] [--batch 50] [--profile text|html|none]
 
 Against a throwaway PostgreSQL database and the `bench.sink` SMTP sink (its own
 process), with the engine built exactly as a worker child builds it
-(`tasks.runtime.Runtime`). Reports per message: SQL statements (by kind), transactions,
-pool checkouts, pings of idle connections, and where the time goes (claim
-transaction, compose, SMTP, record transaction); then, with --profile, a pyinstrument
-profile of the loop.
+(`tasks.runtime.Runtime`), one account. The mail is stored first (no wake-ups), then the
+account is drained until nothing is left: each drain sends up to `--batch` messages
+(OUTBOX_DRAIN_BATCH; `--batch 1` is an account whose mail trickles in, one drain a mail).
+Reports per mail and per drain: SQL statements (by kind), transactions, pool checkouts,
+pings of idle connections, SMTP connections, where the time goes; then, with --profile, a
+pyinstrument profile of the loop.
 """
 
 from __future__ import annotations
@@ -52,12 +54,13 @@ def _sink_stats(port: int, *, reset: bool = False) -> dict[str, Any]:
 
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(b"RESET\n" if reset else b"STATS\n")
-        return json.loads(s.makefile().readline())
+        return dict(json.loads(s.makefile().readline()))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=2000)
+    parser.add_argument("--batch", type=int, default=None, help="OUTBOX_DRAIN_BATCH (50)")
     parser.add_argument("--profile", choices=("text", "html", "none"), default="text")
     parser.add_argument("--show-sql", action="store_true", help="print each distinct statement")
     args = parser.parse_args()
@@ -80,10 +83,12 @@ def main() -> None:
                 "OUTBOX_SECRET_KEY": TEST_SECRET_KEY,
             }
         )
+        if args.batch:
+            os.environ["OUTBOX_DRAIN_BATCH"] = str(args.batch)
         from config.settings import get_settings
+        from standins.accounts import make_account
         from tasks.runtime import Runtime
-        from tests.support.outbox import make_account
-        from worker.client import Outbox
+        from worker.client import IntakeClient
         from worker.intake import Limits
         from worker.store import migrate
 
@@ -91,29 +96,54 @@ def main() -> None:
         settings = get_settings()
         migrate.upgrade(url)
         rt = Runtime(settings)
-        make_account(rt.db, rt.box, "bench", port=port, tls_mode="none", max_connections=2)
-        client = Outbox(
-            rt.db,
-            limits=Limits(),
-            window_s=settings.retry_window_s,
-            wake_grace_s=settings.wake_grace_s,
-            wake=None,
+        account_id = make_account(
+            rt.db, rt.box, "bench", port=port, tls_mode="none", max_connections=2
+        )
+        client = IntakeClient(
+            rt.db, limits=Limits(), window_s=settings.retry_window_s, wakeups=None
         )
         n = args.messages
-        ids = [
-            client.enqueue(
-                account="bench",
-                to=[f"user{i}@example.com"],
-                subject="Your invoice is ready",
-                text=("Hello, this is a benchmark message from Outbox. " * 40).strip(),
-            ).id
-            for i in range(n + 50)
+        warm = 100
+        requests = [
+            {
+                "account": "bench",
+                "to": [f"user{i}@example.com"],
+                "subject": "Your invoice is ready",
+                "text": ("Hello, this is a benchmark message from Outbox. " * 40).strip(),
+            }
+            for i in range(warm + n)
         ]
+        for start in range(0, len(requests), 1000):
+            client.enqueue_many(requests[start : start + 1000])
         engine = rt.engine
+
+        def drain_all(limit: int) -> tuple[int, collections.Counter[str], list[float]]:
+            """Drain until `limit` mails went out; returns drains, outcomes, wall per drain."""
+            done, drains = 0, 0
+            outcomes: collections.Counter[str] = collections.Counter()
+            walls: list[float] = []
+            while done < limit:
+                t0 = time.perf_counter()
+                outcome = engine.drain(account_id)
+                walls.append(time.perf_counter() - t0)
+                drains += 1
+                if outcome.skipped:
+                    outcomes[f"skipped: {outcome.skipped}"] += 1
+                    continue
+                outcomes["sent"] += outcome.sent
+                outcomes["failed"] += outcome.failed
+                outcomes["deferred"] += outcome.deferred
+                done += outcome.attempts
+                if not outcome.attempts:
+                    break
+            return drains, outcomes, walls
+
+        # Warm up: first connection, caches, statement compilation.
+        drain_all(warm)
 
         # -- counters -------------------------------------------------------------------
         statements: collections.Counter[str] = collections.Counter()
-        counts = collections.Counter()
+        counts: collections.Counter[str] = collections.Counter()
 
         @event.listens_for(rt.db.engine, "before_cursor_execute")
         def _stmt(conn: Any, cursor: Any, stmt: str, params: Any, ctx: Any, many: bool) -> None:
@@ -142,27 +172,16 @@ def main() -> None:
 
         rt.db.engine.dialect.do_ping = counted_ping  # type: ignore[method-assign]
 
-        phases: dict[str, list[float]] = collections.defaultdict(list)
+        smtp_s: list[float] = []
         real_send = rt.pool.send
-        mark: dict[str, float] = {}
 
         def timed_send(*a: Any, **kw: Any) -> Any:
             t = time.perf_counter()
-            phases["claim txn + compose"].append(t - mark["start"])
             result = real_send(*a, **kw)
-            mark["smtp_done"] = time.perf_counter()
-            phases["SMTP (pool.send)"].append(mark["smtp_done"] - t)
+            smtp_s.append(time.perf_counter() - t)
             return result
 
         rt.pool.send = timed_send  # type: ignore[method-assign]
-
-        # Warm up: first connection, caches, statement compilation.
-        for mid in ids[:50]:
-            mark["start"] = time.perf_counter()
-            engine.deliver(mid)
-        statements.clear()
-        counts.clear()
-        phases.clear()
         _sink_stats(control, reset=True)
 
         profiler = None
@@ -171,56 +190,53 @@ def main() -> None:
 
             profiler = Profiler(interval=0.0005)
             profiler.start()
-        totals = []
-        actions: collections.Counter[str] = collections.Counter()
         others = {"sink": [sink.pid], "postgres": _pg_backends(url)}
         others_before = {k: sum(_cpu_s(p) for p in v) for k, v in others.items()}
         t_all = time.perf_counter()
         cpu_all = time.process_time()
-        for mid in ids[50:]:
-            mark["start"] = t0 = time.perf_counter()
-            outcome = engine.deliver(mid)
-            end = time.perf_counter()
-            actions[outcome.action.value] += 1
-            totals.append(end - t0)
-            if "smtp_done" in mark:
-                phases["record txn + log"].append(end - mark.pop("smtp_done"))
+        drains, outcomes, walls = drain_all(n)
         elapsed = time.perf_counter() - t_all
         cpu = time.process_time() - cpu_all
         others_cpu = {k: sum(_cpu_s(p) for p in v) - others_before[k] for k, v in others.items()}
         if profiler is not None:
             profiler.stop()
 
-        print(f"\n{n} deliveries in process: {n / elapsed:,.0f} msg/s, outcomes {dict(actions)}")
+        mails = outcomes["sent"] + outcomes["failed"] + outcomes["deferred"]
         print(
-            f"per message: {statistics.median(totals) * 1000:.3f} ms median wall, "
-            f"{cpu / n * 1000:.3f} ms CPU in this process (mean)"
+            f"\n{mails} mails in {drains} drains (batch {settings.drain_batch}, "
+            f"{settings.drain_seconds:g} s) in process: {mails / elapsed:,.0f} mail/s, "
+            f"outcomes {dict(outcomes)}"
         )
         print(
-            "  CPU per message: "
+            f"per mail: {elapsed / mails * 1000:.3f} ms wall, {cpu / mails * 1000:.3f} ms CPU "
+            f"in this process; per drain: {statistics.median(walls) * 1000:.3f} ms wall median"
+        )
+        print(
+            "  CPU per mail: "
             + ", ".join(
-                f"{k} {v / n * 1000:.3f} ms" for k, v in {"this process": cpu, **others_cpu}.items()
+                f"{k} {v / mails * 1000:.3f} ms"
+                for k, v in {"this process": cpu, **others_cpu}.items()
             )
-            + f" = {(cpu + sum(others_cpu.values())) / n * 1000:.3f} ms in all"
+            + f" = {(cpu + sum(others_cpu.values())) / mails * 1000:.3f} ms in all"
         )
         sink_stats = _sink_stats(control)
         print(
             f"  sink: {sink_stats['messages']} messages on {sink_stats['connections']} "
-            f"connection(s), MAIL->DATA {sink_stats['tx_median_ms']:.3f} ms median"
+            f"connection(s), MAIL->DATA {sink_stats['tx_median_ms']:.3f} ms median; "
+            f"pool.send {statistics.median(smtp_s) * 1000:.3f} ms median, "
+            f"{sum(smtp_s) / elapsed:.0%} of the wall time"
         )
-        for name, values in phases.items():
-            print(f"  {name:<22} {statistics.median(values) * 1000:7.3f} ms median")
-        print("\nper message:")
+        print("\nper mail / per drain:")
         for key, value in sorted(counts.items()):
-            print(f"  {key:<22} {value / n:5.2f}")
+            print(f"  {key:<22} {value / mails:6.2f} {value / drains:7.2f}")
         trips = counts["statements"] + 2 * counts["transactions"] + counts["pings"]
         print(
-            f"  round trips (approx.)  {trips / n:5.2f}"
+            f"  round trips (approx.)  {trips / mails:6.2f} {trips / drains:7.2f}"
             "  (statements + BEGIN/COMMIT per transaction + pings)"
         )
-        print("\nstatements per message:")
+        print("\nstatements per drain:")
         for stmt, c in statements.most_common():
-            print(f"  {c / n:5.2f}  {stmt}")
+            print(f"  {c / drains:6.2f}  {stmt}")
         if profiler is not None:
             if args.profile == "html":
                 path = "bench/results/profile_deliver.html"

@@ -1,12 +1,15 @@
-"""Outbox's benchmark: ceilings, end to end, memory, sweep and intake, on one machine.
+"""Outbox's benchmark: fairness between tenants, end to end against the Celery ceiling,
+Celery messages and CPU per email, memory, sweep; on one machine, in one run.
 
-    python -m bench.run [--messages 5000] [--quick] [--json PATH]      (make bench)
+    python -m bench.run [--quick] [--json PATH]                       (make bench)
 
 Real processes only: Redis on 127.0.0.1:6379 (database 13, flushed), a throwaway
-PostgreSQL database (dropped at the end), an SMTP sink in its own process
-(`bench.sink`), `outbox worker -c N` and a Celery no-op worker (`bench.noop_app`) with
-Outbox's own message settings. Prints a table with each target marked PASS/FAIL and
-writes the figures to bench/results/latest.json (or --json). See bench/README.md.
+PostgreSQL database (dropped at the end), two SMTP sinks in their own processes
+(`bench.sink`: a fast one, and a slow relay taking 50 ms a message), a task counter
+listening to the worker's events (`bench.taskcount`), `outbox worker` and a Celery no-op
+worker (`bench.noop_app`) with Outbox's own message settings. Prints each figure, each
+target marked PASS/FAIL, and writes bench/results/latest.json (or --json). See
+bench/README.md.
 """
 
 from __future__ import annotations
@@ -14,17 +17,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
 import signal
 import smtplib
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -32,179 +36,114 @@ from typing import Any
 import redis
 from sqlalchemy import text
 
+from bench.harness import (
+    LOADAVG,
+    LOG_DIR,
+    PY,
+    RESULTS_DIR,
+    CpuMeter,
+    Processes,
+    Sink,
+    TaskCounter,
+    cpu_s,
+    descendants,
+    log,
+    tree_rss_mb,
+)
+from bench.report import TARGETS, table, verdicts
 from config.settings import default_concurrency
 from standins.services import wait_until
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS_DIR = REPO / "bench" / "results"
-LOG_DIR = RESULTS_DIR / "logs"
 REDIS_DB = int(os.environ.get("OUTBOX_BENCH_REDIS_DB", "13"))
-PY = sys.executable
 
 #: Body of every benchmark message: about 2 KB of text, a typical transactional email.
 BODY = ("Hello, this is a benchmark message from Outbox. " * 40).strip()
 SUBJECT = "Your invoice is ready"
-
-TARGETS = {
-    "e2e_vs_noop": 0.50,  # end to end >= 50% of the Celery no-op drain rate
-    "smtp_vs_raw": 1.5,  # SMTP cost per message with reuse <= 1.5x raw smtplib
-    "memory_mb": 50.0,  # worker RSS with 100k deferred <= idle + 50 MB
-    "sweep_ms": 50.0,  # one sweep batch at 1M < 50 ms
-    "sweep_ratio": 2.0,  # ... and within 2x of its time at 10k
-}
+#: What the slow relay takes per message (seconds): `bench.sink --delay`.
+SLOW_RELAY_S = 0.05
+#: Accounts the end-to-end doors spread their mail over, so drains run side by side.
+E2E_ACCOUNTS = 10
+#: Calls of the bulk doors (the most `enqueue_many` takes).
+BULK_CALL = 1000
 
 
-LOADAVG: list[tuple[str, float]] = []
+def nearest_rank(values: Sequence[float], q: float) -> float:
+    """The q-quantile by nearest rank: a value that occurred (p99 of 60 is the worst)."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
-def log(msg: str) -> None:
-    load = os.getloadavg()[0]
-    if not msg.startswith(" "):
-        LOADAVG.append((msg.split(":")[0], load))
-    print(f"[{time.strftime('%H:%M:%S')} load {load:4.1f}] {msg}", flush=True)
-
-
-# -- processes ---------------------------------------------------------------------------
-
-
-class Processes:
-    """Every process the benchmark starts, each in its own group; all stopped at the end."""
-
-    def __init__(self) -> None:
-        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
-
-    def start(
-        self, name: str, argv: list[str], env: dict[str, str] | None = None, **kw: Any
-    ) -> subprocess.Popen[bytes]:
-        LOG_DIR.mkdir(parents=True, exist_ok=True)
-        if "stdout" not in kw:
-            kw["stdout"] = open(LOG_DIR / f"{name}.log", "ab")  # noqa: SIM115 - closed on stop
-            kw["stderr"] = subprocess.STDOUT
-        proc = subprocess.Popen(
-            argv, cwd=REPO, env={**os.environ, **(env or {})}, start_new_session=True, **kw
-        )
-        self.procs.append((name, proc))
-        return proc
-
-    def stop(self, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-        # Children of a worker that outlived their parent (same group): make sure.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
-        self.procs = [(n, p) for n, p in self.procs if p is not proc]
-
-    def stop_all(self) -> None:
-        for _, proc in reversed(list(self.procs)):
-            with contextlib.suppress(Exception):
-                self.stop(proc, timeout=15.0)
-
-
-def rss_kb(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except FileNotFoundError:
-        pass
-    return 0
-
-
-def descendants(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    kids = [int(p) for p in out.split()]
-    return kids + [d for k in kids for d in descendants(k)]
-
-
-def tree_rss_mb(pid: int) -> dict[str, Any]:
-    kids = descendants(pid)
-    main = rss_kb(pid)
-    children = [rss_kb(k) for k in kids]
+def spread(values: Sequence[float]) -> dict[str, float]:
     return {
-        "total_mb": round((main + sum(children)) / 1024, 1),
-        "main_mb": round(main / 1024, 1),
-        "children_mb": [round(c / 1024, 1) for c in children],
+        "n": len(values),
+        "p50_s": round(statistics.median(values), 3),
+        "p90_s": round(nearest_rank(values, 0.90), 3),
+        "p99_s": round(nearest_rank(values, 0.99), 3),
+        "max_s": round(max(values), 3),
     }
 
 
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of one process so far (0 once it is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+class Pacer(threading.Thread):
+    """Another tenant's steady mail: one `outbox.enqueue` by name every `interval_s`, from
+    a bare Celery app of its own (a caller with none of Outbox's code), until stopped or
+    `duration_s` is over. Remembers when it sent each (just before `send_task`)."""
 
+    def __init__(
+        self,
+        broker_url: str,
+        account: str,
+        *,
+        interval_s: float,
+        duration_s: float | None = None,
+        key_prefix: str,
+    ) -> None:
+        super().__init__(daemon=True)
+        from celery import Celery
 
-class CpuMeter:
-    """CPU used by groups of processes during a timed window, per message.
+        self.app = Celery("bench-pacer", broker=broker_url, set_as_current=False)
+        self.account = account
+        self.interval_s = interval_s
+        self.duration_s = duration_s
+        self.key_prefix = key_prefix
+        self.sent: dict[str, float] = {}  #: idempotency key -> epoch seconds before the send
+        self.last_at = 0.0  #: when the latest was sent
+        self.stopping = threading.Event()
+        self.error: BaseException | None = None
 
-    Each group is a function listing its pids now; a process that appears during the
-    window (a database connection opened lazily) counts from zero. This is what says
-    where a message's cost goes: the worker, PostgreSQL, the SMTP sink, Redis.
-    """
+    def run(self) -> None:
+        from worker.contract import ENQUEUE_TASK
 
-    def __init__(self, groups: dict[str, Callable[[], list[int]]]) -> None:
-        self.groups = groups
-        self.before: dict[str, dict[int, float]] = {}
-
-    def start(self) -> None:
-        self.before = {
-            name: {pid: cpu_s(pid) for pid in pids()} for name, pids in self.groups.items()
-        }
-
-    def per_message_ms(self, messages: int) -> dict[str, float]:
-        used: dict[str, float] = {}
-        for name, pids in self.groups.items():
-            seen = self.before[name]
-            now = {pid: cpu_s(pid) for pid in {*seen, *pids()}}
-            used[name] = sum(now[pid] - seen.get(pid, 0.0) for pid in now)
-        out = {name: round(v / messages * 1000, 3) for name, v in used.items()}
-        out["total"] = round(sum(used.values()) / messages * 1000, 3)
-        return out
-
-
-# -- the SMTP sink -----------------------------------------------------------------------
-
-
-class Sink:
-    def __init__(self, procs: Processes) -> None:
-        self.proc = procs.start(
-            "sink", [PY, "-m", "bench.sink"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline().decode()
-        if not line.startswith("READY"):
-            raise RuntimeError(f"the SMTP sink did not start: {line!r}")
-        fields = dict(part.split("=") for part in line.split()[1:])
-        self.port = int(fields["smtp"])
-        self.control = int(fields["control"])
-
-    def stats(self, *, reset: bool = False) -> dict[str, Any]:
-        with socket.create_connection(("127.0.0.1", self.control), timeout=10) as s:
-            s.sendall(b"RESET\n" if reset else b"STATS\n")
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
+        try:
+            started = time.monotonic()
+            i = 0
+            while not self.stopping.is_set():
+                due = started + i * self.interval_s
+                if self.duration_s is not None and due - started >= self.duration_s:
                     break
-                data += chunk
-        return json.loads(data)
+                if self.stopping.wait(max(0.0, due - time.monotonic())):
+                    break
+                key = f"{self.key_prefix}-{i}"
+                at = time.time()
+                self.app.send_task(
+                    ENQUEUE_TASK,
+                    kwargs={**request(self.account, f"{key}@example.com"), "idempotency_key": key},
+                    kwargsrepr=f"{{'account': {self.account!r}, 'recipients': 1}}",
+                )
+                self.sent[key] = at
+                self.last_at = at
+                i += 1
+        except BaseException as exc:  # reported by the phase that started it
+            self.error = exc
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(timeout=30)
+        if self.error is not None:
+            raise RuntimeError(f"the pacer of {self.account} failed") from self.error
 
 
-# -- the benchmark ----------------------------------------------------------------------
+def request(account: str, to: str) -> dict[str, Any]:
+    return {"account": account, "to": [to], "subject": SUBJECT, "text": BODY}
 
 
 class Bench:
@@ -234,8 +173,8 @@ class Bench:
             "OUTBOX_LOG_JSON": "0",
             "OUTBOX_VAR_DIR": str(self.tmp / "var"),
         }
-        # This process reads Outbox's settings and app too (the client, the ETA
-        # publisher, the no-op worker's configuration): same environment.
+        # This process reads Outbox's settings and app too (the Python door, the no-op
+        # worker's configuration): same environment.
         os.environ.update(self.env)
         from config.settings import get_settings
         from worker.crypto import SecretBox
@@ -247,19 +186,35 @@ class Bench:
         migrate.upgrade(self.pg_url)
         self.db = Database(self.pg_url)
         self.box = SecretBox(self.settings.secret_keys)
-        self.sink = Sink(self.procs)
-        from tests.support.outbox import make_account
+        self.sink = Sink(self.procs, "sink")
+        self.slow_sink = Sink(self.procs, "sink-slow", delay_s=SLOW_RELAY_S)
+        self.counter = TaskCounter(self.procs, self.redis_url)
+        self.counter.wait_listening()
+        from standins.accounts import make_account
 
-        self.account_id = make_account(
-            self.db,
-            self.box,
-            "bench",
-            port=self.sink.port,
-            tls_mode="none",
-            # One connection per worker process: the sink takes any number, and a lower
-            # cap would measure messages waiting for a free slot, not delivery.
-            max_connections=self.args.concurrency,
-        )
+        def account(name: str, sink: Sink, connections: int) -> int:
+            return make_account(
+                self.db,
+                self.box,
+                name,
+                port=sink.port,
+                tls_mode="none",
+                max_connections=connections,
+            )
+
+        default = self.settings.default_max_connections
+        self.args.e2e_connections = self.args.e2e_connections or default
+        self.accounts = {
+            # The tenant with the backlog, on the slow relay; the two whose mail must not
+            # wait behind it or behind a burst; the end-to-end ones.
+            "a": account("a", self.slow_sink, default),
+            "b": account("b", self.sink, default),
+            "c": account("c", self.sink, default),
+            **{
+                f"e{i}": account(f"e{i}", self.sink, self.args.e2e_connections)
+                for i in range(E2E_ACCOUNTS)
+            },
+        }
         from worker.message import OutgoingEmail, compose
 
         self.sample = compose(
@@ -289,7 +244,16 @@ class Bench:
         with self.db.engine.begin() as conn:
             conn.execute(text("TRUNCATE attempts, attachments, incidents, messages"))
             conn.execute(text("UPDATE smtp_slots SET holder = NULL, expires_at = NULL"))
-            conn.execute(text("UPDATE accounts SET throttle_until = NULL, throttle_level = 0"))
+            conn.execute(
+                text(
+                    "UPDATE accounts SET throttle_until = NULL, throttle_level = 0, "
+                    "drain_queued_at = NULL, drain_timer_at = NULL"
+                )
+            )
+        with contextlib.suppress(Exception), self.db.engine.connect() as conn:
+            conn.execution_options(isolation_level="AUTOCOMMIT").execute(
+                text("VACUUM ANALYZE messages")
+            )
         self.redis.flushdb()
 
     # -- helpers ----------------------------------------------------------------------
@@ -298,46 +262,47 @@ class Bench:
         with self.db.engine.connect() as conn:
             return conn.execute(text(sql), params).scalar()
 
-    def request(self, i: int) -> dict[str, Any]:
-        return {
-            "account": "bench",
-            "to": [f"user{i}@example.com"],
-            "subject": SUBJECT,
-            "text": BODY,
-        }
+    def epoch(self, sql: str, **params: Any) -> float:
+        return float(self.scalar(f"SELECT extract(epoch FROM ({sql}))", **params))
 
-    def publish_enqueues(self, client: Any, n: int, *, batched: bool) -> float:
-        """Publish n `outbox.enqueue` by name, as another service would; returns the
-        seconds it took. `batched`: pipelined in groups of 1,000 (kombu's
-        Producer.batch), for a backlog published before any worker runs."""
-        from worker.contract import ENQUEUE_TASK
+    def max_id(self) -> int:
+        return int(self.scalar("SELECT coalesce(max(id), 0) FROM messages"))
 
-        t0 = time.perf_counter()
-        with (
-            client.producer_or_acquire() as producer,
-            producer.batch(1000) if batched else contextlib.nullcontext(),
-        ):
-            for i in range(n):
-                client.send_task(
-                    ENQUEUE_TASK,
-                    kwargs=self.request(i),
-                    kwargsrepr="{'account': 'bench', 'recipients': 1}",
-                    producer=producer,
-                )
-        return time.perf_counter() - t0
+    def celery_client(self, name: str) -> Any:
+        """A caller with none of Outbox's code: a bare Celery app on the broker."""
+        from celery import Celery
 
-    def start_worker(self, name: str, *, queues: str | None = None) -> subprocess.Popen[bytes]:
+        return Celery(name, broker=self.redis_url, set_as_current=False)
+
+    def intake_client(self) -> Any:
+        """The Python door, as a service sharing the database uses it."""
+        from worker.client import IntakeClient, broker_publisher
+
+        return IntakeClient.from_settings(self.settings, publish=broker_publisher(self.redis_url))
+
+    def e2e_request(self, i: int) -> dict[str, Any]:
+        return request(f"e{i % E2E_ACCOUNTS}", f"user{i}@example.com")
+
+    def start_worker(self, name: str) -> subprocess.Popen[bytes]:
+        """`outbox worker` with its defaults but the concurrency (`--concurrency`, by
+        default Outbox's own) and the log level; no beat."""
         argv = [PY, "-m", "worker.cli", "worker", "-c", str(self.args.concurrency)]
         argv += ["--loglevel", "WARNING"]
-        if queues:
-            argv += ["-Q", queues]
         self.worker = self.procs.start(name, argv, self.env)
+        self.wait_consuming(self.worker, "", 0)
         return self.worker
 
-    def stop_worker(self) -> None:
+    def stop_worker(self, *, hard: bool = False) -> None:
         if self.worker is not None:
+            if hard:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.worker.pid, signal.SIGKILL)
             self.procs.stop(self.worker, timeout=30.0)
             self.worker = None
+
+    def check_worker(self) -> None:
+        if self.worker is not None and self.worker.poll() is not None:
+            raise RuntimeError(f"worker exited (code {self.worker.returncode}); see {LOG_DIR}")
 
     def brpop_clients(self) -> int:
         return sum(
@@ -357,7 +322,23 @@ class Bench:
             )
             return [r[0] for r in rows]
 
+    def window_meter(self) -> CpuMeter:
+        """Every process of the benchmark, for a window whose figure is a latency or a
+        rate: the machine's share taken by other work is what it is read against."""
+        me = os.getpid()
+        worker = self.worker
+        return CpuMeter(
+            {
+                "worker": lambda: [worker.pid, *descendants(worker.pid)] if worker else [],
+                "postgres": self.pg_backends,
+                "sinks": lambda: [self.sink.proc.pid, self.slow_sink.proc.pid],
+                "redis": self.redis_pid,
+                "bench": lambda: [me, self.counter.proc.pid],
+            }
+        )
+
     def e2e_meter(self, proc: subprocess.Popen[bytes]) -> CpuMeter:
+        me = os.getpid()
         return CpuMeter(
             {
                 "worker main": lambda: [proc.pid],
@@ -365,6 +346,7 @@ class Bench:
                 "postgres": self.pg_backends,
                 "sink": lambda: [self.sink.proc.pid],
                 "redis": self.redis_pid,
+                "producer": lambda: [me],
             }
         )
 
@@ -382,31 +364,75 @@ class Bench:
         wait_until(started, timeout=60, interval=0.005, message="the worker to start consuming")
         return time.time()
 
-    def wait_sent(self, total: int, *, since_id: int = 0, timeout: float) -> None:
+    def wait_sent(self, total: int, *, since_id: int = 0, account: int | None = None,
+                  timeout: float) -> None:  # fmt: skip
+        sql = "SELECT count(*) FROM messages WHERE status = 'sent' AND id > :since"
+        params: dict[str, Any] = {"since": since_id}
+        if account is not None:
+            sql += " AND account_id = :account"
+            params["account"] = account
+
         def done() -> bool:
-            if self.worker is not None and self.worker.poll() is not None:
-                raise RuntimeError(f"worker exited (code {self.worker.returncode}); see {LOG_DIR}")
-            return (
-                self.scalar(
-                    "SELECT count(*) FROM messages WHERE status = 'sent' AND id > :since",
-                    since=since_id,
-                )
-                >= total
-            )
+            self.check_worker()
+            return bool(self.scalar(sql, **params) >= total)
 
         try:
-            wait_until(done, timeout=timeout, interval=0.1, message=f"{total} messages to be sent")
+            # A quarter second: the figures come from the rows' own times, not from when
+            # this poll saw them; polling faster would add its cost to the producer's CPU.
+            wait_until(done, timeout=timeout, interval=0.25, message=f"{total} messages sent")
         except TimeoutError:
-            counts = self.status_counts()
-            raise TimeoutError(f"not all messages sent within {timeout:.0f}s: {counts}") from None
+            raise TimeoutError(
+                f"not all messages sent within {timeout:.0f}s: {self.status_counts()}"
+            ) from None
+
+    def wait_quiet(self, timeout: float = 60.0) -> None:
+        """Until the worker has nothing left to take or finish: the queues and the unacked
+        hash are empty and no task event arrived for a second (a drain's last
+        continuation, which finds nothing, is still this phase's)."""
+        from worker.contract import INTAKE_QUEUE, SEND_QUEUE
+
+        state = {"total": -1, "since": time.monotonic()}
+
+        def quiet() -> bool:
+            self.check_worker()
+            busy = (
+                self.redis.llen(INTAKE_QUEUE)
+                or self.redis.llen(SEND_QUEUE)
+                or self.redis.hlen("unacked")
+            )
+            total = self.counter.stats()["total"]
+            if busy or total != state["total"]:
+                state.update(total=total, since=time.monotonic())
+                return False
+            return time.monotonic() - state["since"] >= 1.0
+
+        wait_until(quiet, timeout=timeout, interval=0.2, message="the worker to be idle")
 
     def status_counts(self) -> dict[str, int]:
         with self.db.engine.connect() as conn:
             rows = conn.execute(text("SELECT status, count(*) FROM messages GROUP BY status"))
             return {s: n for s, n in rows}
 
-    def epoch(self, sql: str, **params: Any) -> float:
-        return float(self.scalar(f"SELECT extract(epoch FROM ({sql}))", **params))
+    def latencies(self, sent: dict[str, float], *, timeout: float) -> list[float]:
+        """Seconds from each key's `send_task` to its message's `finished_at` (the
+        server's 250 recorded), once all of them are sent."""
+        keys = list(sent)
+        sql = (
+            "SELECT idempotency_key, extract(epoch FROM finished_at) FROM messages "
+            "WHERE idempotency_key = ANY(:keys) AND status = 'sent'"
+        )
+
+        def rows() -> dict[str, float] | None:
+            self.check_worker()
+            with self.db.engine.connect() as conn:
+                found = {k: float(t) for k, t in conn.execute(text(sql), {"keys": keys})}
+            return found if len(found) == len(keys) else None
+
+        found = wait_until(
+            rows, timeout=timeout, interval=0.2, message=f"{len(keys)} paced mails sent"
+        )
+        assert isinstance(found, dict)
+        return [found[k] - sent[k] for k in keys]
 
     # -- 1. ceilings --------------------------------------------------------------------
 
@@ -416,10 +442,13 @@ class Bench:
         self.sink.stats(reset=True)
         smtp = smtplib.SMTP("127.0.0.1", self.sink.port, local_hostname="bench.local")
         smtp.ehlo()
+        meter = self.window_meter()
+        meter.start()
         started = time.perf_counter()
         for i in range(n):
             smtp.sendmail("noreply@bench.example.com", [f"user{i}@example.com"], self.sample)
         elapsed = time.perf_counter() - started
+        meter.used_s()
         smtp.quit()
         sink = self.sink.stats(reset=True)
         assert sink["messages"] == n, sink
@@ -431,6 +460,7 @@ class Bench:
             "client_ms_per_msg": round(elapsed / n * 1000, 3),
             "sink_tx_median_ms": round(sink["tx_median_ms"], 3),
             "sink": sink,
+            "machine": meter.machine,
         }
         log(f"  {n / elapsed:,.0f} msg/s ({elapsed / n * 1000:.2f} ms/msg)")
 
@@ -440,16 +470,18 @@ class Bench:
 
         log(f"SMTP through SmtpConnectionPool.send: {n} messages, same sink")
         pool = SmtpConnectionPool(
-            idle_s=self.settings.smtp_idle_s,
+            idle_s=self.settings.drain_seconds + self.settings.smtp_timeout_s,
             max_per_connection=self.settings.smtp_max_per_connection,
         )
         account = SmtpAccount(
-            key=f"{self.account_id}:1",
+            key=f"{self.accounts['b']}:1",
             host="127.0.0.1",
             port=self.sink.port,
             tls=TlsMode.NONE,
             timeout_s=self.settings.smtp_timeout_s,
         )
+        meter = self.window_meter()
+        meter.start()
         started = time.perf_counter()
         for i in range(n):
             result = pool.send(
@@ -457,6 +489,7 @@ class Bench:
             )
             assert result.delivered, result.reply
         elapsed = time.perf_counter() - started
+        meter.used_s()
         pool.close()
         sink = self.sink.stats(reset=True)
         self.results["smtp_pool"] = {
@@ -467,6 +500,7 @@ class Bench:
             "connections": sink["connections"],
             "sink_tx_median_ms": round(sink["tx_median_ms"], 3),
             "sink": sink,
+            "machine": meter.machine,
         }
         log(
             f"  {n / elapsed:,.0f} msg/s ({elapsed / n * 1000:.2f} ms/msg, "
@@ -484,6 +518,7 @@ class Bench:
             "worker_eta_task_limit",
             "task_ignore_result",
             "worker_send_task_events",
+            "task_send_sent_event",
             "task_serializer",
             "accept_content",
             "worker_enable_soft_shutdown_on_idle",
@@ -493,8 +528,6 @@ class Bench:
         return {k: app.conf[k] for k in keys}
 
     def ceiling_celery(self) -> None:
-        from celery import Celery
-
         from bench import noop_app
         from worker.contract import QUEUES, SEND_QUEUE
 
@@ -504,8 +537,9 @@ class Bench:
             f"ceiling: Celery no-op, {n} tasks, prefork -c {self.args.concurrency}, "
             f"prefetch x{conf['worker_prefetch_multiplier']}"
         )
-        self.redis.delete(noop_app.COUNTER_KEY, noop_app.FINISHED_KEY)
-        client = Celery("bench-noop-client", broker=self.redis_url, set_as_current=False)
+        assert self.worker is None
+        self.redis.flushdb()  # what earlier phases' workers left behind
+        client = self.celery_client("bench-noop-client")
         t0 = time.perf_counter()
         # Pre-published in pipelined batches (kombu's Producer.batch): not timed.
         with client.producer_or_acquire() as producer, producer.batch(1000):
@@ -554,76 +588,290 @@ class Bench:
             "tasks_per_s": round(n / elapsed, 1),
             "publish_per_s": round(n / publish_s, 1),
             "cpu_ms_per_task": cpu,
+            "machine": meter.machine,
             "settings": conf,
         }
         log(f"  {n / elapsed:,.0f} tasks/s (published at {n / publish_s:,.0f}/s)")
         self.redis.flushdb()
 
-    # -- 2. end to end (+ 5. intake through the Python client) ----------------------------
+    # -- 2. fairness: one tenant's backlog on a slow relay, another's steady mail ----------
 
-    def client(self) -> Any:
-        from worker.client import Outbox, broker_waker
-
-        return Outbox.from_settings(self.settings, wake=broker_waker(self.redis_url))
-
-    def e2e_python_client(self) -> None:
-        from worker.contract import SEND_QUEUE
-
-        n = self.args.messages
-        log(f"end to end, Python client door: enqueue {n} with the worker stopped")
+    def fairness(self) -> None:
+        backlog, seconds = self.args.backlog, self.args.paced_seconds
+        a = self.accounts["a"]
+        log(
+            f"fairness: A {backlog:,} mails (enqueue_many x{BULK_CALL:,}) on a relay taking "
+            f"{SLOW_RELAY_S * 1000:.0f} ms a message; B one by name every 0.5 s for {seconds} s"
+        )
         self.reset_state()
+        self.start_worker("outbox-worker-fairness")
+        self.slow_sink.stats(reset=True)
         self.sink.stats(reset=True)
-        outbox = self.client()
+        client = self.intake_client()
         t0 = time.perf_counter()
-        for i in range(n):
-            outbox.enqueue(**self.request(i))
-        enqueue_s = time.perf_counter() - t0
-        outbox.db.dispose()
-        self.results["intake_python_client"] = {
-            "messages": n,
-            "seconds": round(enqueue_s, 3),
-            "msgs_per_s": round(n / enqueue_s, 1),
+        for start in range(0, backlog, BULK_CALL):
+            results = client.enqueue_many(
+                [request("a", f"a{i}@example.com") for i in range(start, start + BULK_CALL)]
+            )
+            assert all(r.accepted is not None for r in results)
+        accept_s = time.perf_counter() - t0
+        client.db.dispose()
+        log(f"  A's backlog accepted in {accept_s:.1f} s ({backlog / accept_s:,.0f}/s)")
+        wait_until(
+            lambda: self.slow_sink.stats()["messages"] >= 20, timeout=60, message="A draining"
+        )
+        self.counter.stats(reset=True)
+        pacer = Pacer(self.redis_url, "b", interval_s=0.5, duration_s=seconds, key_prefix="b-fair")
+        meter = self.window_meter()
+        meter.start()
+        window_start = time.time()
+        a_before = self.slow_sink.stats()["messages"]
+        pacer.start()
+        pacer.join(timeout=seconds + 30)
+        pacer.stop()
+        window_end = time.time()
+        meter.used_s()
+        a_in_window = self.slow_sink.stats()["messages"] - a_before
+        waits = self.latencies(pacer.sent, timeout=60)
+        a_sent_db = self.scalar(
+            "SELECT count(*) FROM messages WHERE account_id = :a AND status = 'sent' "
+            "AND finished_at BETWEEN to_timestamp(:t0) AND to_timestamp(:t1)",
+            a=a,
+            t0=window_start,
+            t1=window_end,
+        )
+        a_pending = self.scalar(
+            "SELECT count(*) FROM messages WHERE account_id = :a AND status = 'pending'", a=a
+        )
+        tasks = self.counter.stats()
+        slow = self.slow_sink.stats()
+        fast = self.sink.stats()
+        self.stop_worker()
+        duration = window_end - window_start
+        rate = a_sent_db / duration
+        cap = self.settings.default_max_connections / SLOW_RELAY_S
+        self.results["fairness"] = {
+            "backlog": backlog,
+            "backlog_accept_s": round(accept_s, 2),
+            "b_interval_s": 0.5,
+            "window_s": round(duration, 2),
+            "b_latency": spread(waits),
+            "b_latencies_s": [round(w, 3) for w in waits],
+            "a_sent_in_window": a_sent_db,
+            "a_sink_messages_in_window": a_in_window,
+            "a_msgs_per_s": round(rate, 1),
+            "a_ceiling_msgs_per_s": round(cap, 1),
+            "a_pending_after": a_pending,
+            "a_max_connections": self.settings.default_max_connections,
+            "a_peak_connections": slow["max_open_connections"],
+            "b_max_connections": self.settings.default_max_connections,
+            "b_sink_messages": fast["messages"],
+            "slow_relay_s": SLOW_RELAY_S,
+            "tasks_in_window": tasks,
+            "concurrency": self.args.concurrency,
+            "machine": meter.machine,
         }
-        log(f"  intake: {n / enqueue_s:,.0f} msg/s (validate + store + publish, one client)")
-        assert self.redis.llen(SEND_QUEUE) == n
-        proc = self.start_worker("outbox-worker-e2e")
-        meter = self.e2e_meter(proc)
-        started = self.wait_consuming(proc, SEND_QUEUE, n)
+        log(
+            f"  B: p50 {statistics.median(waits):.2f} s, p99 {nearest_rank(waits, 0.99):.2f} s, "
+            f"max {max(waits):.2f} s ({len(waits)} mails); A: {rate:.1f} msg/s "
+            f"({rate / cap:.0%} of {cap:.0f}), peak {slow['max_open_connections']} connections, "
+            f"{a_pending:,} still pending"
+        )
+
+    # -- 3. an intake burst: what 5,000 single enqueues by name cost another tenant -------
+
+    def burst(self) -> None:
+        from worker.contract import ENQUEUE_TASK
+
+        n = self.args.burst
+        c = self.accounts["c"]
+        log(f"burst: {n:,} single outbox.enqueue by name for C while B sends one every 0.5 s")
+        self.reset_state()
+        self.start_worker("outbox-worker-burst")
+        # Warm up: every child takes an intake task and a drain, so "before the burst"
+        # is the steady state, not a cold start.
+        warm = self.celery_client("bench-warm")
+        for i in range(4 * self.args.concurrency):
+            warm.send_task(
+                ENQUEUE_TASK,
+                kwargs=request("c" if i % 2 else "b", f"warm{i}@example.com"),
+                kwargsrepr="{'account': 'c', 'recipients': 1}",
+            )
+        self.wait_sent(4 * self.args.concurrency, timeout=60)
+        self.wait_quiet()
+        pacer = Pacer(self.redis_url, "b", interval_s=0.5, key_prefix="b-burst")
+        pacer.start()
+        # B's first mails show the tenant's latency before the burst.
+        wait_until(lambda: len(pacer.sent) >= 5, timeout=30, message="B's first mails")
+        client = self.celery_client("bench-burst")
+        since = self.max_id()
+        self.counter.stats(reset=True)
+        meter = self.window_meter()
         meter.start()
-        self.wait_sent(n, timeout=max(180, n / 20))
-        cpu = meter.per_message_ms(n)
-        finished = self.epoch("SELECT max(finished_at) FROM messages")
-        elapsed = finished - started
-        self.results["e2e_python_client"] = self._e2e_figures(n, elapsed, since_id=0)
-        self.results["e2e_python_client"]["cpu_ms_per_message"] = cpu
-        log(f"  drain: {n / elapsed:,.0f} msg/s ({elapsed:.1f} s, worker start to all sent)")
+        burst_start = time.time()
+        with client.producer_or_acquire() as producer:
+            for i in range(n):
+                client.send_task(
+                    ENQUEUE_TASK,
+                    kwargs=request("c", f"c{i}@example.com"),
+                    kwargsrepr="{'account': 'c', 'recipients': 1}",
+                    producer=producer,
+                )
+        published = time.time()
+        try:
+            wait_until(
+                lambda: self.scalar(
+                    "SELECT count(*) FROM messages WHERE account_id = :c AND id > :s",
+                    c=c, s=since,
+                ) >= n,
+                timeout=max(120, n / 10),
+                interval=0.1,
+                message=f"C's {n:,} mails stored",
+            )  # fmt: skip
+            stored = self.epoch(
+                "SELECT max(created_at) FROM messages WHERE account_id = :c AND id > :s",
+                c=c,
+                s=since,
+            )
+            self.wait_sent(n, since_id=since, account=c, timeout=max(120, n / 10))
+            sent = self.epoch(
+                "SELECT max(finished_at) FROM messages WHERE account_id = :c AND id > :s",
+                c=c,
+                s=since,
+            )
+            meter.used_s()
+            # B keeps sending a little after the burst: its latency once it is over.
+            after = time.time()
+            wait_until(lambda: pacer.last_at > after + 2.0, timeout=30, message="B after")
+        finally:
+            pacer.stop()
+        tasks = self.counter.stats()
+        waits = dict(zip(pacer.sent, self.latencies(pacer.sent, timeout=120), strict=True))
+        phases: dict[str, list[float]] = {"before": [], "during": [], "after": []}
+        for key, at in pacer.sent.items():
+            phase = "before" if at < burst_start else "during" if at <= stored else "after"
+            phases[phase].append(waits[key])
+        self.stop_worker()
+        self.results["burst"] = {
+            "messages": n,
+            "publish_s": round(published - burst_start, 2),
+            "all_stored_after_s": round(stored - burst_start, 2),
+            "all_sent_after_s": round(sent - burst_start, 2),
+            "intake_msgs_per_s": round(n / (stored - burst_start), 1),
+            "b_latency": {k: spread(v) for k, v in phases.items() if v},
+            "tasks": tasks,
+            "concurrency": self.args.concurrency,
+            "machine": meter.machine,
+        }
+        during = phases["during"]
+        log(
+            f"  C's {n:,} stored after {stored - burst_start:.1f} s, sent after "
+            f"{sent - burst_start:.1f} s; B during the burst: p50 "
+            f"{statistics.median(during):.2f} s, p99 {nearest_rank(during, 0.99):.2f} s "
+            f"({len(during)} mails); before {statistics.median(phases['before']):.2f} s"
+        )
 
-    def e2e_task_by_name(self) -> None:
-        """With the worker from the previous phase running and idle."""
-        from celery import Celery
+    # -- 4. end to end, each door, against the no-op ceiling --------------------------------
 
+    def e2e(self) -> None:
         n = self.args.messages
-        log(f"end to end, task-by-name door: publish {n} outbox.enqueue to a running worker")
-        assert self.worker is not None
-        since = self.scalar("SELECT coalesce(max(id), 0) FROM messages")
-        time.sleep(1.0)  # let the previous phase's last acks and events settle
-        self.sink.stats(reset=True)
-        client = Celery("bench-client", broker=self.redis_url, set_as_current=False)
-        meter = self.e2e_meter(self.worker)
-        meter.start()
-        started = time.time()
-        publish_s = self.publish_enqueues(client, n, batched=False)
-        self.wait_sent(n, since_id=since, timeout=max(180, n / 20))
-        cpu = meter.per_message_ms(n)
-        finished = self.epoch("SELECT max(finished_at) FROM messages WHERE id > :s", s=since)
-        stored = self.epoch("SELECT max(created_at) FROM messages WHERE id > :s", s=since)
-        elapsed = finished - started
-        figures = self._e2e_figures(n, elapsed, since_id=since)
-        figures["publish_per_s"] = round(n / publish_s, 1)
-        figures["all_stored_after_s"] = round(stored - started, 3)
-        figures["cpu_ms_per_message"] = cpu
-        self.results["e2e_task_by_name"] = figures
-        log(f"  drain: {n / elapsed:,.0f} msg/s ({elapsed:.1f} s, first publish to all sent)")
+        log(
+            f"end to end: {n:,} mails a door over {E2E_ACCOUNTS} accounts on the fast sink "
+            f"(max_connections {self.args.e2e_connections} each), worker -c "
+            f"{self.args.concurrency}"
+        )
+        self.reset_state()
+        proc = self.start_worker("outbox-worker-e2e")
+        client = self.intake_client()
+        # Warm up: every child builds its runtime and its connections; the client too.
+        warm = client.enqueue_many([self.e2e_request(i) for i in range(20 * E2E_ACCOUNTS)])
+        assert all(r.accepted is not None for r in warm)
+        self.wait_sent(len(warm), timeout=60)
+        by_name = self.celery_client("bench-e2e")
+        from worker.contract import ENQUEUE_MANY_TASK, ENQUEUE_TASK
+
+        def python_many() -> None:
+            for start in range(0, n, BULK_CALL):
+                stop = min(n, start + BULK_CALL)
+                client.enqueue_many([self.e2e_request(i) for i in range(start, stop)])
+
+        def python_one() -> None:
+            for i in range(n):
+                client.enqueue(**self.e2e_request(i))
+
+        def by_name_many() -> None:
+            with by_name.producer_or_acquire() as producer:
+                for start in range(0, n, BULK_CALL):
+                    stop = min(n, start + BULK_CALL)
+                    by_name.send_task(
+                        ENQUEUE_MANY_TASK,
+                        kwargs={"requests": [self.e2e_request(i) for i in range(start, stop)]},
+                        kwargsrepr=f"{{'requests': {stop - start}}}",
+                        producer=producer,
+                    )
+
+        def by_name_one() -> None:
+            # One publish a mail, as many independent callers would (not pipelined).
+            with by_name.producer_or_acquire() as producer:
+                for i in range(n):
+                    by_name.send_task(
+                        ENQUEUE_TASK,
+                        kwargs=self.e2e_request(i),
+                        kwargsrepr="{'account': 'e', 'recipients': 1}",
+                        producer=producer,
+                    )
+
+        doors: list[tuple[str, str, Callable[[], None]]] = [
+            ("e2e_python_many", "Python door, IntakeClient.enqueue_many", python_many),
+            ("e2e_python_one", "Python door, IntakeClient.enqueue", python_one),
+            ("e2e_by_name_many", "outbox.enqueue_many by name", by_name_many),
+            ("e2e_by_name_one", "outbox.enqueue by name", by_name_one),
+        ]
+        for key, label, send in doors:
+            self.wait_quiet()
+            since = self.max_id()
+            self.sink.stats(reset=True)
+            self.counter.stats(reset=True)
+            meter = self.e2e_meter(proc)
+            log(f"  {label}: {n:,} mails")
+            meter.start()
+            started = time.time()
+            send()
+            called = time.time()
+            self.wait_sent(n, since_id=since, timeout=max(180, n / 10))
+            cpu = meter.per_message_ms(n)
+            self.wait_quiet()
+            tasks = self.counter.stats()
+            finished = self.epoch("SELECT max(finished_at) FROM messages WHERE id > :s", s=since)
+            stored = self.epoch("SELECT max(created_at) FROM messages WHERE id > :s", s=since)
+            elapsed = finished - started
+            figures = self._e2e_figures(n, elapsed, since_id=since)
+            figures.update(
+                {
+                    "label": label,
+                    "calls_s": round(called - started, 3),
+                    "all_stored_after_s": round(stored - started, 3),
+                    "cpu_ms_per_message": cpu,
+                    "tasks": tasks,
+                    "tasks_per_message": round(tasks["total"] / n, 4),
+                    "machine": meter.machine,
+                }
+            )
+            self.results[key] = figures
+            log(
+                f"    {n / elapsed:,.0f} msg/s ({elapsed:.1f} s first call to last sent; "
+                f"stored after {stored - started:.1f} s); {tasks['total'] / n:.3f} Celery "
+                f"messages a mail {tasks['received']}"
+            )
+        client.db.dispose()
+        self.stop_worker()
+        self.results["e2e_setup"] = {
+            "accounts": E2E_ACCOUNTS,
+            "max_connections": self.args.e2e_connections,
+            "concurrency": self.args.concurrency,
+            "drain_batch": self.settings.drain_batch,
+            "drain_seconds": self.settings.drain_seconds,
+        }
 
     def _e2e_figures(self, n: int, elapsed: float, *, since_id: int) -> dict[str, Any]:
         with self.db.engine.connect() as conn:
@@ -647,46 +895,14 @@ class Bench:
             "msgs_per_s": round(n / elapsed, 1),
             "attempts": attempts,
             "attempt_median_ms": round(statistics.median(durations), 3),
-            "attempt_p90_ms": round(statistics.quantiles(durations, n=10)[-1], 3),
+            "attempt_p90_ms": round(nearest_rank(durations, 0.9), 3),
             "smtp_connections": sink["connections"],
             "msgs_per_connection": round(sink["messages"] / max(1, sink["connections"]), 1),
             "sink_tx_median_ms": round(sink["tx_median_ms"], 3),
             "sink": sink,
         }
 
-    # -- 5. intake by task name (worker on the intake queue only) -------------------------
-
-    def intake_task_by_name(self) -> None:
-        from celery import Celery
-
-        from worker.contract import INTAKE_QUEUE
-
-        n = self.args.messages
-        log(f"intake, task-by-name door: {n} outbox.enqueue, worker on `{INTAKE_QUEUE}` only")
-        self.reset_state()
-        client = Celery("bench-client", broker=self.redis_url, set_as_current=False)
-        publish_s = self.publish_enqueues(client, n, batched=True)
-        proc = self.start_worker("outbox-worker-intake", queues=INTAKE_QUEUE)
-        started = self.wait_consuming(proc, INTAKE_QUEUE, n)
-        wait_until(
-            lambda: self.scalar("SELECT count(*) FROM messages") >= n,
-            timeout=max(180, n / 20),
-            message=f"{n} messages stored",
-        )
-        stored = self.epoch("SELECT max(created_at) FROM messages")
-        elapsed = stored - started
-        self.results["intake_task_by_name"] = {
-            "messages": n,
-            "seconds": round(elapsed, 3),
-            "msgs_per_s": round(n / elapsed, 1),
-            "publish_per_s": round(n / publish_s, 1),
-        }
-        log(
-            f"  {n / elapsed:,.0f} msg/s stored by the worker (published at {n / publish_s:,.0f}/s)"
-        )
-        self.stop_worker()
-
-    # -- 3. memory --------------------------------------------------------------------------
+    # -- 5. memory --------------------------------------------------------------------------
 
     def memory_snapshot(self) -> dict[str, Any]:
         from worker.contract import RETRY_QUEUE
@@ -700,353 +916,167 @@ class Bench:
             "retry_queue": self.redis.llen(RETRY_QUEUE),
         }
 
+    def settle(self) -> None:
+        """Let the worker's processes finish what they were doing and free it: idle, then
+        a moment for the allocator (RSS is read, not a heap count)."""
+        self.wait_quiet()
+        time.sleep(2.0)
+
     def memory(self) -> None:
         from worker.contract import MAINTENANCE_QUEUE, SWEEP_TASK
 
         n = self.args.deferred
-        log(f"memory: worker idle, then with {n:,} deferred messages")
+        ids = [self.accounts[f"e{i}"] for i in range(E2E_ACCOUNTS)]
+        log(f"memory: worker idle, then with {n:,} deferred mails of {len(ids)} accounts")
         self.reset_state()
-        proc = self.start_worker("outbox-worker-memory")
-        self.wait_consuming(proc, "outbox.send", 0)
-        # Warm up: both children build their runtime (engine, pools, SMTP connection).
-        outbox = self.client()
-        for i in range(50):
-            outbox.enqueue(**self.request(i))
-        outbox.db.dispose()
-        self.wait_sent(50, timeout=60)
-        time.sleep(3.0)
+        self.start_worker("outbox-worker-memory")
+        # Warm up: every child builds its runtime (engine, pools, SMTP connections).
+        client = self.intake_client()
+        client.enqueue_many([self.e2e_request(i) for i in range(20 * E2E_ACCOUNTS)])
+        client.db.dispose()
+        self.wait_sent(20 * E2E_ACCOUNTS, timeout=60)
+        self.settle()
         idle = self.memory_snapshot()
         log(f"  idle: worker {idle['worker']['total_mb']} MB, redis {idle['redis_used_mb']} MB")
 
-        # A: the backlog parked in the database (waits longer than OUTBOX_COUNTDOWN_MAX):
-        # nothing in the broker. A sweep runs over it (nothing is due, nothing is read).
+        # A: retries further off than OUTBOX_COUNTDOWN_MAX are parked in the database:
+        # nothing in the broker. A sweep runs over them (nothing is due, nothing is read).
         with self.db.engine.begin() as conn:
-            conn.execute(text(DEFERRED_FILL), {"account": self.account_id, "n": n})
+            conn.execute(text(DEFERRED_FILL), {"accounts": ids, "n": n})
         with contextlib.suppress(Exception), self.db.engine.connect() as conn:
             conn.execution_options(isolation_level="AUTOCOMMIT").execute(
                 text("VACUUM ANALYZE messages")
             )
-        from celery import Celery
-
-        client = Celery("bench-client", broker=self.redis_url, set_as_current=False)
-        client.send_task(SWEEP_TASK, queue=MAINTENANCE_QUEUE)
-        time.sleep(3.0)
+        self.counter.stats(reset=True)
+        self.celery_client("bench-sweep").send_task(SWEEP_TASK, queue=MAINTENANCE_QUEUE)
+        wait_until(
+            lambda: self.counter.stats()["succeeded"].get("all", 0) >= 1,
+            timeout=60,
+            message="the sweep",
+        )
+        self.settle()
         parked = self.memory_snapshot()
         log(
             f"  {n:,} parked in the database: worker {parked['worker']['total_mb']} MB, "
             f"redis {parked['redis_used_mb']} MB, unacked {parked['unacked']}"
         )
 
-        # B: the same backlog with short waits, handled as the engine does for waits up
-        # to OUTBOX_COUNTDOWN_MAX: the row keeps next_attempt_at / due_at, and a wake-up
-        # rides a Celery countdown on outbox.retry (tasks.delivery.follow_up). The worker
-        # holds at most worker_eta_task_limit of them; the rest wait in Redis.
+        # B: the same mail due within OUTBOX_COUNTDOWN_MAX. Each account is woken once,
+        # as intake or the sweeper wakes it; its drain finds nothing due yet and leaves
+        # one countdown for the account's earliest mail (drain_timer_at): the broker and
+        # the worker hold one wake-up per account, not one per mail.
         countdown_max = self.settings.countdown_max_s
-        grace = self.settings.wake_grace_s
         with self.db.engine.begin() as conn:
             conn.execute(
                 text(
-                    "UPDATE messages SET next_attempt_at = now() + make_interval(secs => :c), "
-                    "due_at = now() + make_interval(secs => :c + :g) WHERE status = 'pending'"
+                    "UPDATE messages SET next_attempt_at = now() + make_interval(secs => "
+                    ":c * (0.8 + 0.2 * (id % 100) / 100.0)) WHERE status = 'pending'"
                 ),
-                {"c": countdown_max * 0.9, "g": grace},
+                {"c": countdown_max},
             )
-        with self.db.engine.connect() as conn:
-            ids = list(
-                conn.execute(
-                    text("SELECT id FROM messages WHERE status = 'pending' ORDER BY id")
-                ).scalars()
-            )
-        from config.celery import RETRY_QUEUE
-        from tasks.delivery import send
+        from worker.client import broker_publisher
 
-        t0 = time.perf_counter()
-        # The same calls as follow_up, pipelined in batches (kombu's Producer.batch).
-        with send.app.producer_or_acquire() as producer, producer.batch(1000):
-            for mid in ids:
-                # countdown 80-100% of OUTBOX_COUNTDOWN_MAX: none fires during the bench
-                countdown = countdown_max * (0.8 + 0.2 * (mid % 100) / 100)
-                send.apply_async((mid,), countdown=countdown, queue=RETRY_QUEUE, producer=producer)
-        publish_s = time.perf_counter() - t0
-        limit = self.celery_conf()["worker_eta_task_limit"] or len(ids)
-        expect = min(limit, len(ids))
-        with contextlib.suppress(TimeoutError):
-            wait_until(
-                lambda: self.redis.hlen("unacked") >= expect,
-                timeout=60,
-                interval=0.2,
-                message="the worker to take its ETA tasks",
-            )
-        time.sleep(3.0)
+        publish = broker_publisher(self.redis_url)
+        self.counter.stats(reset=True)
+        for account_id in ids:
+            publish(account_id, None)
+        wait_until(
+            lambda: self.redis.hlen("unacked") >= len(ids),
+            timeout=60,
+            interval=0.2,
+            message="one countdown per account held by the worker",
+        )
+        self.settle_countdowns(len(ids))
         countdowns = self.memory_snapshot()
+        tasks = self.counter.stats()
         log(
-            f"  {n:,} on Celery countdowns: worker {countdowns['worker']['total_mb']} MB, "
-            f"redis {countdowns['redis_used_mb']} MB, unacked {countdowns['unacked']}, "
-            f"waiting in Redis {countdowns['retry_queue']:,} (published at "
-            f"{len(ids) / publish_s:,.0f}/s)"
+            f"  {n:,} due within {countdown_max:.0f} s: worker "
+            f"{countdowns['worker']['total_mb']} MB, redis {countdowns['redis_used_mb']} MB, "
+            f"countdowns held {countdowns['unacked']}, waiting in Redis "
+            f"{countdowns['retry_queue']:,}; tasks {tasks['received']}"
         )
         self.results["memory"] = {
             "deferred": n,
+            "accounts": len(ids),
             "idle": idle,
             "parked_in_db": parked,
-            "on_countdowns": countdowns,
-            "eta_publish_per_s": round(len(ids) / publish_s, 1),
+            "due_soon": countdowns,
+            "due_soon_tasks": tasks,
             "growth_parked_mb": round(parked["worker"]["total_mb"] - idle["worker"]["total_mb"], 1),
-            "growth_countdowns_mb": round(
+            "growth_due_soon_mb": round(
                 countdowns["worker"]["total_mb"] - idle["worker"]["total_mb"], 1
             ),
         }
-        # Stop hard: the held ETA tasks are thrown away with the Redis database anyway.
-        assert self.worker is not None
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.worker.pid, signal.SIGKILL)
-        self.stop_worker()
-        self.reset_state()
+        # Stop hard: the held countdowns are thrown away with the Redis database anyway.
+        self.stop_worker(hard=True)
 
-    # -- 4. sweep --------------------------------------------------------------------------
+    def settle_countdowns(self, expect: int) -> None:
+        """The wake-ups ran (each left its countdown, held unacked): nothing else moves."""
+        from worker.contract import SEND_QUEUE
+
+        state = {"total": -1, "since": time.monotonic()}
+
+        def still() -> bool:
+            self.check_worker()
+            total = self.counter.stats()["succeeded"].get("all", 0)
+            if self.redis.llen(SEND_QUEUE) or total != state["total"] or total < expect:
+                state.update(total=total, since=time.monotonic())
+                return False
+            return time.monotonic() - state["since"] >= 2.0
+
+        wait_until(still, timeout=60, interval=0.2, message="the wake-ups to settle")
+
+    # -- 6. sweep --------------------------------------------------------------------------
 
     def sweep(self) -> None:
         from bench.sweep import measure
 
         sizes = self.args.sweep_sizes
-        log(f"sweep: one batch on {', '.join(f'{s:,}' for s in sizes)} messages, 1% due")
+        log(f"sweep: one batch of each query on {', '.join(f'{s:,}' for s in sizes)} messages")
         rows = measure(sizes, batch=100, repeats=7, progress=lambda r: log("  " + r))
         self.results["sweep"] = rows
 
     # -- run -------------------------------------------------------------------------------
 
+    #: The no-op ceiling runs right before the doors it is compared with: the machine is
+    #: shared, and its load drifts over a run.
+    PHASES = ("smtp", "fairness", "burst", "noop", "e2e", "memory", "sweep")
+
     def run(self) -> None:
         self.setup()
-        self.ceiling_smtp()
-        self.ceiling_celery()
-        self.e2e_python_client()
-        self.e2e_task_by_name()
-        self.stop_worker()
-        self.intake_task_by_name()
-        self.memory()
-        self.sweep()
+        steps = {
+            "smtp": self.ceiling_smtp,
+            "noop": self.ceiling_celery,
+            "fairness": self.fairness,
+            "burst": self.burst,
+            "e2e": self.e2e,
+            "memory": self.memory,
+            "sweep": self.sweep,
+        }
+        for phase in self.PHASES:
+            if phase in self.args.only:
+                steps[phase]()
 
 
 DEFERRED_FILL = """
 INSERT INTO messages (account_id, message_id_header, from_addr, to_addrs, cc_addrs,
-    bcc_addrs, subject, text_body, headers, attachment_count, size_bytes, status,
+    bcc_addrs, subject, text_body, headers, attachment_count, size_bytes, status, priority,
     created_at, updated_at, deadline, next_attempt_at, due_at, attempt_count, delivered_to,
     last_verdict, last_code, last_error)
-SELECT :account, '<deferred-' || g || '@bench.example.com>', 'noreply@bench.example.com',
+SELECT (CAST(:accounts AS bigint[]))[1 + g % cardinality(CAST(:accounts AS bigint[]))],
+    '<deferred-' || g || '@bench.example.com>', 'noreply@bench.example.com',
     CAST('["user' || g || '@example.com"]' AS json), '[]', '[]', 'Your invoice is ready',
     repeat('Hello, this is a benchmark message from Outbox. ', 40), '[]', 0, 2000, 'pending',
-    now(), now(), now() + interval '1 day', now() + interval '1 hour',
-    now() + interval '1 hour', 1, '{}', 'retry', 451, '451 4.7.1 Greylisted, try again later'
+    1, now(), now(), now() + interval '1 day', now() + interval '1 hour',
+    now() + interval '1 day', 1, '{}', 'retry', 451, '451 4.7.1 Greylisted, try again later'
 FROM generate_series(1, CAST(:n AS bigint)) AS g
 """
 
 
-# -- the table ------------------------------------------------------------------------------
-
-
-def verdicts(r: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each target with its figure, limit and PASS/FAIL."""
-    out: list[dict[str, Any]] = []
-    noop = r["ceiling_celery"]["tasks_per_s"]
-    for door in ("e2e_python_client", "e2e_task_by_name"):
-        rate = r[door]["msgs_per_s"]
-        out.append(
-            {
-                "target": f"{door}: end to end >= {TARGETS['e2e_vs_noop']:.0%} of no-op drain",
-                "value": f"{rate:,.0f} msg/s = {rate / noop:.0%} of {noop:,.0f}/s",
-                "pass": rate >= TARGETS["e2e_vs_noop"] * noop,
-            }
-        )
-    raw = r["ceiling_smtp"]["client_ms_per_msg"]
-    pool = r["smtp_pool"]["client_ms_per_msg"]
-    reuse = min(r[d]["msgs_per_connection"] for d in ("e2e_python_client", "e2e_task_by_name"))
-    out.append(
-        {
-            "target": f"SMTP cost/msg with reuse (pool) <= {TARGETS['smtp_vs_raw']}x raw smtplib",
-            "value": f"{pool:.3f} vs {raw:.3f} ms = {pool / raw:.2f}x; end to end "
-            f">= {reuse:g} msgs/connection",
-            "pass": pool <= TARGETS["smtp_vs_raw"] * raw and reuse >= 10,
-        }
-    )
-    mem = r["memory"]
-    for key, label, snap_key in (
-        ("growth_parked_mb", "parked in DB", "parked_in_db"),
-        ("growth_countdowns_mb", "on countdowns", "on_countdowns"),
-    ):
-        out.append(
-            {
-                "target": f"memory: {mem['deferred']:,} deferred ({label}) <= idle + "
-                f"{TARGETS['memory_mb']:g} MB",
-                "value": f"{mem['idle']['worker']['total_mb']} -> "
-                f"{mem[snap_key]['worker']['total_mb']} MB ({mem[key]:+g} MB)",
-                "pass": mem[key] <= TARGETS["memory_mb"],
-            }
-        )
-    sweep = r["sweep"]
-    largest, smallest = sweep[-1], sweep[0]
-    out.append(
-        {
-            "target": f"sweep: batch at {largest['messages']:,} < {TARGETS['sweep_ms']:g} ms",
-            "value": f"{largest['median_ms']:.2f} ms",
-            "pass": largest["median_ms"] < TARGETS["sweep_ms"],
-        }
-    )
-    ratio = largest["median_ms"] / smallest["median_ms"]
-    out.append(
-        {
-            "target": f"sweep: {largest['messages']:,} within {TARGETS['sweep_ratio']:g}x of "
-            f"{smallest['messages']:,}",
-            "value": f"{ratio:.2f}x",
-            "pass": ratio <= TARGETS["sweep_ratio"],
-        }
-    )
-    return out
-
-
-def _cpus(r: dict[str, Any]) -> int:
-    return int(r.get("meta", {}).get("machine", {}).get("cpus") or os.cpu_count() or 1)
-
-
-def cpu_line(cpu: dict[str, float], *, cpus: int) -> str:
-    """CPU ms per message by process group, and the rate all the machine's cores could
-    sustain at that cost: the ceiling no tuning of concurrency can lift."""
-    parts = ", ".join(f"{k} {v:.2f}" for k, v in cpu.items() if k != "total")
-    bound = cpus * 1000 / cpu["total"] if cpu["total"] else float("inf")
-    line = f"{cpu['total']:.2f} ms ({parts}); {cpus} cores bound it at {bound:,.0f}/s"
-    # Celery's main process is one thread: it alone caps the rate at 1 / its cost.
-    main = cpu.get("worker main")
-    return line + (f", the worker's main process at {1000 / main:,.0f}/s" if main else "")
-
-
-def table(r: dict[str, Any]) -> str:
-    rows: list[tuple[str, str]] = []
-    s, c = r["ceiling_smtp"], r["ceiling_celery"]
-    rows.append(
-        (
-            "Ceiling: raw smtplib, 1 connection",
-            f"{s['msgs_per_s']:,.0f} msg/s  "
-            f"({s['client_ms_per_msg']:.3f} ms/msg client, {s['sink_tx_median_ms']:.3f} ms "
-            f"MAIL->DATA at sink; {s['message_bytes']:,} B)",
-        )
-    )
-    p = r["smtp_pool"]
-    rows.append(
-        (
-            "SMTP via SmtpConnectionPool.send",
-            f"{p['msgs_per_s']:,.0f} msg/s  "
-            f"({p['client_ms_per_msg']:.3f} ms/msg = "
-            f"{p['client_ms_per_msg'] / s['client_ms_per_msg']:.2f}x raw; "
-            f"{p['connections']} connections)",
-        )
-    )
-    rows.append(
-        (
-            f"Ceiling: Celery no-op, prefork -c{r['meta']['args']['concurrency']}",
-            f"{c['tasks_per_s']:,.0f} tasks/s  "
-            f"(prefetch x{c['settings']['worker_prefetch_multiplier']}, acks_late, -E)",
-        )
-    )
-    rows.append(("  CPU per task (no-op)", cpu_line(c["cpu_ms_per_task"], cpus=_cpus(r))))
-    for door, label in (
-        ("e2e_python_client", "Python client"),
-        ("e2e_task_by_name", "task by name"),
-    ):
-        e = r[door]
-        rows.append(
-            (
-                f"End to end ({label})",
-                f"{e['msgs_per_s']:,.0f} msg/s  "
-                f"= {e['msgs_per_s'] / c['tasks_per_s']:.0%} of no-op, "
-                f"{e['msgs_per_s'] / s['msgs_per_s']:.0%} of raw SMTP  "
-                f"({e['messages']:,} in {e['seconds']:.1f} s, {e['attempts']:,} attempts)",
-            )
-        )
-        rows.append(
-            (
-                f"  SMTP per message ({label})",
-                f"{e['sink_tx_median_ms']:.3f} ms MAIL->DATA "
-                f"at sink = {e['sink_tx_median_ms'] / s['sink_tx_median_ms']:.2f}x the raw "
-                f"run's; {e['smtp_connections']} connections, "
-                f"{e['msgs_per_connection']:g} msgs each",
-            )
-        )
-        rows.append(
-            (f"  CPU per message ({label})", cpu_line(e["cpu_ms_per_message"], cpus=_cpus(r)))
-        )
-        rows.append(
-            (
-                f"  attempt started->finished ({label})",
-                f"median {e['attempt_median_ms']:.2f} "
-                f"ms, p90 {e['attempt_p90_ms']:.2f} ms (claim + compose + SMTP)",
-            )
-        )
-    rows.append(
-        (
-            "Intake: Python client (Outbox.enqueue)",
-            f"{r['intake_python_client']['msgs_per_s']:,.0f} msg/s (one caller)",
-        )
-    )
-    i = r["intake_task_by_name"]
-    rows.append(
-        (
-            "Intake: outbox.enqueue by name",
-            f"{i['msgs_per_s']:,.0f} msg/s stored by "
-            f"the worker (-c{r['meta']['args']['concurrency']}, intake queue only); "
-            f"all stored after {r['e2e_task_by_name']['all_stored_after_s']:.1f} s under load",
-        )
-    )
-    m = r["memory"]
-    for key, label in (
-        ("idle", "idle (warm)"),
-        ("parked_in_db", f"{m['deferred']:,} parked in DB"),
-        ("on_countdowns", f"{m['deferred']:,} on countdowns"),
-    ):
-        snap = m[key]
-        rows.append(
-            (
-                f"Memory: {label}",
-                f"worker {snap['worker']['total_mb']:.1f} MB "
-                f"(main {snap['worker']['main_mb']:.1f} + {snap['worker']['children_mb']}), "
-                f"redis {snap['redis_used_mb']:.1f} MB, unacked {snap['unacked']:,}, "
-                f"retry queue {snap['retry_queue']:,}",
-            )
-        )
-    for row in r["sweep"]:
-        rows.append(
-            (
-                f"Sweep batch: {row['messages']:,} msgs, {row['due']:,} due",
-                f"median {row['median_ms']:.2f} ms (min {row['min_ms']:.2f}, "
-                f"max {row['max_ms']:.2f}); partial index: {row['uses_partial_index']}",
-            )
-        )
-    width = max(len(a) for a, _ in rows)
-    lines = ["", "Figures", "-" * 100]
-    lines += [f"{a:<{width}}  {b}" for a, b in rows]
-    lines += ["", "Targets", "-" * 100]
-    checks = r["targets"]
-    twidth = max(len(v["target"]) for v in checks)
-    lines += [
-        f"{'PASS' if v['pass'] else 'FAIL'}  {v['target']:<{twidth}}  {v['value']}" for v in checks
-    ]
-    passed = sum(v["pass"] for v in checks)
-    lines.append(f"\n{passed}/{len(checks)} targets pass; total run {r['meta']['runtime_s']:.0f} s")
-    loads = [load for _, load in r["meta"]["machine"]["load1_per_phase"]]
-    cpus = r["meta"]["machine"]["cpus"] or 1
-    # Later phases' load averages include the benchmark's own processes of the phase
-    # before; only the first one says whether something else was running.
-    lines.append(
-        f"load average (1 min) before the run: {loads[0]:.1f} on {cpus} CPUs; at later "
-        f"phases' start (the benchmark's own load included): {min(loads[1:], default=0):.1f}"
-        f"-{max(loads[1:], default=0):.1f}"
-        + ("  << other work was running: rates are lower bounds" if loads[0] > cpus * 0.5 else "")
-    )
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--messages", type=int, default=None, help="end-to-end messages (5000)")
     parser.add_argument("--quick", action="store_true", help="a small smoke run")
+    parser.add_argument("--messages", type=int, default=None, help="end-to-end mails a door")
     parser.add_argument(
         "--concurrency",
         "-c",
@@ -1055,23 +1085,45 @@ def main(argv: list[str] | None = None) -> int:
         help="worker processes, the same for the no-op and Outbox's worker "
         "(default: Outbox's own, OUTBOX_CONCURRENCY's default of two per core)",
     )
+    parser.add_argument(
+        "--e2e-connections",
+        type=int,
+        default=None,
+        help="max_connections of each end-to-end account (default: Outbox's default, 2)",
+    )
     parser.add_argument("--json", dest="json_path", default=None, help="where to write JSON")
+    parser.add_argument(
+        "--only",
+        default=",".join(Bench.PHASES),
+        help=f"run only these phases, comma-separated, of: {', '.join(Bench.PHASES)} "
+        "(targets whose figures were not measured are left out; for development)",
+    )
     args = parser.parse_args(argv)
+    args.only = [p.strip() for p in args.only.split(",") if p.strip()]
+    unknown = sorted(set(args.only) - set(Bench.PHASES))
+    if unknown:
+        parser.error(f"unknown phase(s): {', '.join(unknown)}")
     if args.quick:
-        args.messages = args.messages or 500
+        args.messages = args.messages or 1000
         args.smtp_messages, args.noop_tasks, args.deferred = 1000, 1000, 10_000
+        args.backlog, args.paced_seconds, args.burst = 3000, 10, 1000
         args.sweep_sizes = [10_000, 100_000]
     else:
         args.messages = args.messages or 5000
         args.smtp_messages, args.noop_tasks, args.deferred = 3000, 5000, 100_000
+        args.backlog, args.paced_seconds, args.burst = 20_000, 30, 5000
         args.sweep_sizes = [10_000, 100_000, 1_000_000]
-    json_path = Path(args.json_path) if args.json_path else RESULTS_DIR / "latest.json"
+    complete = list(args.only) == list(Bench.PHASES)
+    default_json = RESULTS_DIR / ("latest.json" if complete else "partial.json")
+    json_path = Path(args.json_path) if args.json_path else default_json
 
     def on_term(*_: object) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
     started = time.monotonic()
+    me = os.getpid()
+    cpu_before = cpu_s(me)
     bench = Bench(args)
     try:
         bench.run()
@@ -1084,6 +1136,7 @@ def main(argv: list[str] | None = None) -> int:
     r["meta"] = {
         "at": datetime.now(UTC).isoformat(timespec="seconds"),
         "runtime_s": round(time.monotonic() - started, 1),
+        "bench_cpu_s": round(cpu_s(me) - cpu_before, 1),
         "args": {k: v for k, v in vars(args).items() if k != "json_path"},
         "machine": {
             "cpus": os.cpu_count(),

@@ -1,9 +1,11 @@
 """A light SMTP sink for benchmarks: accepts everything, keeps only counts and timings.
 
-    python -m bench.sink [--port 0]
+    python -m bench.sink [--port 0] [--delay 0.05]
 
 Runs aiosmtpd in its own process (so the sink never competes with the benchmark for a
-GIL) on 127.0.0.1, no TLS, no AUTH. Prints one line when ready:
+GIL) on 127.0.0.1, no TLS, no AUTH. `--delay` makes it a slow relay: each message's DATA
+reply comes that many seconds after the data arrived (each connection waits on its own,
+as a real relay's queue-manager round trip would). Prints one line when ready:
 
     READY smtp=<port> control=<port>
 
@@ -37,6 +39,8 @@ class _Stats:
         self.messages = 0
         self.bytes = 0
         self.connections = 0
+        #: the most connections open at once since the reset (a relay's concurrency)
+        self.max_open = OPEN[0]
         #: MAIL arrival -> DATA reply, seconds, one per message
         self.transactions: list[float] = []
         #: connection accepted -> first MAIL, seconds, one per connection that sent mail
@@ -48,6 +52,7 @@ class _Stats:
             "messages": self.messages,
             "bytes": self.bytes,
             "connections": self.connections,
+            "max_open_connections": self.max_open,
             "tx_median_ms": statistics.median(tx) * 1000 if tx else None,
             "tx_p90_ms": statistics.quantiles(tx, n=10)[-1] * 1000 if len(tx) >= 10 else None,
             "tx_mean_ms": statistics.fmean(tx) * 1000 if tx else None,
@@ -55,10 +60,15 @@ class _Stats:
         }
 
 
+#: connections open right now (kept across resets)
+OPEN = [0]
 STATS = _Stats()
 
 
 class _Handler:
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.delay_s = delay_s
+
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list
     ) -> str:
@@ -73,6 +83,8 @@ class _Handler:
         return "250 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
         STATS.messages += 1
         STATS.bytes += len(envelope.content or b"")
         started = getattr(session, "bench_mail_at", None)
@@ -85,7 +97,13 @@ class _CountingSMTP(SMTP):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         STATS.connections += 1
+        OPEN[0] += 1
+        STATS.max_open = max(STATS.max_open, OPEN[0])
         self.session.bench_connected_at = time.perf_counter()  # type: ignore[attr-defined]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        OPEN[0] -= 1
+        super().connection_lost(exc)
 
 
 async def _control(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -99,9 +117,9 @@ async def _control(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -
         writer.close()
 
 
-async def _serve(port: int) -> None:
+async def _serve(port: int, delay_s: float) -> None:
     loop = asyncio.get_running_loop()
-    handler = _Handler()
+    handler = _Handler(delay_s)
     server = await loop.create_server(
         # A fixed hostname: aiosmtpd would otherwise do a reverse DNS lookup per session.
         lambda: _CountingSMTP(handler, hostname="bench.sink", ident="bench-sink"),
@@ -123,8 +141,11 @@ async def _serve(port: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument(
+        "--delay", type=float, default=0.0, help="seconds before each DATA reply (a slow relay)"
+    )
     args = parser.parse_args()
-    asyncio.run(_serve(args.port))
+    asyncio.run(_serve(args.port, args.delay))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import redis
 from celery import Celery
 from sqlalchemy import text
 
+from standins.accounts import make_account
 from standins.provider import ProviderStub
 from standins.services import outbox_worker, wait_until
 from standins.smtp import ScriptedSMTPServer
@@ -43,7 +44,7 @@ from tests.support.faults import (
     pids_connected_to,
     row_lock,
 )
-from tests.support.outbox import attempts, make_account, wait_for_status
+from tests.support.outbox import attempts, wait_for_status
 from tests.support.tally import Verdict, judge, load_facts
 from worker.clock import utcnow
 from worker.contract import QUEUES, RETRY_QUEUE, SEND_QUEUE

@@ -30,11 +30,11 @@ import pytest
 import redis
 from sqlalchemy import text
 
+from standins.accounts import make_account
 from standins.provider import ProviderStub
 from standins.smtp import ScriptedSMTPServer
 from tests.support.bulk import count_by_status, wait_until_finished
 from tests.support.faults import RssSampler
-from tests.support.outbox import make_account
 from tests.support.tally import judge, load_facts
 from worker.client import IntakeClient, limits_from
 from worker.contract import QUEUES

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import time
 
+from standins.accounts import make_account
 from standins.services import wait_until
 from standins.smtp import ScriptedSMTPServer
 from tests.support.bulk import enqueue_many, wait_until_finished
-from tests.support.outbox import make_account
 from tests.support.rabbit import rabbitmqctl
 from tests.support.tally import judge
 

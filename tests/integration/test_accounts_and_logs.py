@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from tests.support.outbox import cli, make_account, wait_for_status
+from standins.accounts import make_account
+from tests.support.outbox import cli, wait_for_status
 
 pytestmark = pytest.mark.integration
 

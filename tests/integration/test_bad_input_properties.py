@@ -32,6 +32,7 @@ from celery import Celery
 from hypothesis import HealthCheck, given, settings
 from sqlalchemy import func, select
 
+from standins.accounts import make_account
 from standins.services import REPO, wait_until
 from tests.support.cli_runs import outbox_cli_many
 from tests.support.flower_proc import running_flower
@@ -45,7 +46,7 @@ from tests.support.hostile import (
     names_a_field,
     root,
 )
-from tests.support.outbox import make_account, wait_for_status
+from tests.support.outbox import wait_for_status
 from worker.intake import InvalidRequest, Limits, validate_request
 from worker.store.db import Database
 from worker.store.models import AttachmentRow, Message

@@ -11,8 +11,9 @@ import re
 import pytest
 from rich.cells import cell_len
 
+from standins.accounts import make_account
 from tests.support.cli_runs import CliResult, outbox_cli_many
-from tests.support.outbox import make_account, wait_for_attempts, wait_for_status
+from tests.support.outbox import wait_for_attempts, wait_for_status
 
 pytestmark = pytest.mark.integration
 

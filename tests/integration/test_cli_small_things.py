@@ -9,9 +9,9 @@ from importlib.metadata import version
 
 import pytest
 
+from standins.accounts import make_account
 from standins.services import wait_until
 from tests.support.cli_runs import outbox_cli, outbox_cli_many
-from tests.support.outbox import make_account
 from tests.support.webhook import WebhookReceiver
 from worker.clock import utcnow
 from worker.notify import build_notice

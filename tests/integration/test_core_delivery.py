@@ -14,12 +14,12 @@ import textwrap
 import pytest
 from celery import Celery
 
+from standins.accounts import make_account
 from standins.services import REPO, wait_until
 from standins.smtp import ScriptedSMTPServer, make_self_signed
 from tests.support.outbox import (
     attempts,
     count_messages,
-    make_account,
     message,
     update_account,
     wait_for_attempts,

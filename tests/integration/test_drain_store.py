@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select, update
 
-from tests.support.outbox import make_account
+from standins.accounts import make_account
 from worker.client import IntakeClient
 from worker.clock import utcnow
 from worker.crypto import SecretBox

@@ -13,10 +13,11 @@ import pytest
 from celery import Celery
 from sqlalchemy import select
 
+from standins.accounts import make_account
 from standins.services import wait_until
 from standins.smtp import ScriptedSMTPServer
 from tests.support.bulk import count_by_status, wait_until_finished
-from tests.support.outbox import cli, make_account, message, wait_for_status
+from tests.support.outbox import cli, message, wait_for_status
 from worker.clock import utcnow
 from worker.store.models import Message
 

@@ -12,16 +12,10 @@ import json
 import pytest
 from sqlalchemy import select
 
+from standins.accounts import make_account
 from standins.services import wait_until
 from standins.smtp import ScriptedSMTPServer
-from tests.support.outbox import (
-    attempts,
-    cli,
-    make_account,
-    message,
-    update_account,
-    wait_for_status,
-)
+from tests.support.outbox import attempts, cli, message, update_account, wait_for_status
 from tests.support.webhook import WebhookReceiver
 from worker.store.models import Account, Incident
 

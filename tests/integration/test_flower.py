@@ -20,8 +20,8 @@ import httpx
 import pytest
 from celery import Celery
 
+from standins.accounts import make_account
 from standins.services import OutboxProcess, wait_until
-from tests.support.outbox import make_account
 
 pytestmark = pytest.mark.integration
 

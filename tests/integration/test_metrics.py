@@ -16,8 +16,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select, update
 
+from standins.accounts import make_account
 from standins.services import OutboxProcess
-from tests.support.outbox import cli, make_account, wait_for_status
+from tests.support.outbox import cli, wait_for_status
 from worker.clock import utcnow
 from worker.metrics import SERVED
 from worker.replies import Reply, classify

@@ -9,11 +9,11 @@ import pytest
 from celery import Celery
 from sqlalchemy import select, update
 
+from standins.accounts import make_account
 from tests.support.outbox import (
     attempts,
     cli,
     count_messages,
-    make_account,
     message,
     wait_for_attempts,
     wait_for_status,

@@ -17,15 +17,9 @@ import re
 import pytest
 from sqlalchemy import select
 
+from standins.accounts import make_account
 from standins.services import wait_until
-from tests.support.outbox import (
-    attempts,
-    cli,
-    make_account,
-    message,
-    update_account,
-    wait_for_status,
-)
+from tests.support.outbox import attempts, cli, message, update_account, wait_for_status
 from tests.support.postfix import (
     RELAY_PASSWORD,
     RELAY_SIZE_LIMIT,

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from celery import Celery
 
+from standins.accounts import make_account
 from tests.support.bulk import count_by_status, enqueue_many, wait_until_finished
-from tests.support.outbox import attempts, cli, make_account, message, wait_for_status
+from tests.support.outbox import attempts, cli, message, wait_for_status
 from tests.support.rabbit import queue_depths
 
 GREYLISTED = "451 4.7.1 Greylisted, try again later"

@@ -31,10 +31,11 @@ from celery import Celery
 from cryptography.fernet import Fernet
 from sqlalchemy import select
 
+from standins.accounts import make_account
 from standins.provider import ProviderStub
 from standins.services import wait_until
 from tests.support.cli_runs import outbox_cli, outbox_cli_many
-from tests.support.outbox import COMPRESSED, make_account, message, wait_for_status
+from tests.support.outbox import COMPRESSED, message, wait_for_status
 from worker.crypto import SecretBox
 from worker.store.models import Account
 

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 from celery import Celery
 
+from standins.accounts import make_account
 from standins.services import wait_until
-from tests.support.outbox import cli, make_account, wait_for_status
+from tests.support.outbox import cli, wait_for_status
 from worker.clock import utcnow
 
 GREYLISTED = "451 4.7.1 Greylisted, please try again later"

@@ -13,16 +13,11 @@ import threading
 import pytest
 from celery import Celery
 
+from standins.accounts import make_account
 from standins.provider import ProviderStub
 from standins.services import flush_redis, wait_until
 from standins.smtp import ScriptedSMTPServer
-from tests.support.outbox import (
-    COMPRESSED,
-    attempts,
-    make_account,
-    message,
-    wait_for_status,
-)
+from tests.support.outbox import COMPRESSED, attempts, message, wait_for_status
 from tests.support.webhook import WebhookReceiver
 from worker.clock import utcnow
 from worker.store.sweep import sweep_messages

@@ -28,22 +28,6 @@ COMPRESSED = {
 }
 
 
-def make_account(
-    db: Database, box: SecretBox, name: str, *, host: str = "127.0.0.1", port: int, **changes: Any
-) -> int:
-    changes.setdefault("from_addr", f"{name.title()} <noreply@{name}.example.com>")
-    with db.session() as session:
-        saved = save_account(
-            session,
-            name,
-            AccountChanges(smtp_host=host, smtp_port=port, **changes),
-            box=box,
-            default_max_connections=2,
-            now=utcnow(),
-        )
-    return saved.account_id
-
-
 def update_account(db: Database, box: SecretBox, name: str, **changes: Any) -> Any:
     with db.session() as session:
         return save_account(
