@@ -47,8 +47,10 @@ format: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m demo
 
+# The delivery benchmark, then the metrics exporter's scrape time at 10k/100k/1M messages.
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.metrics_scrape
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .ruff_cache .mypy_cache
