@@ -53,7 +53,6 @@ def drain(account_id: Any) -> str:
         return "refused"
     outcome = runtime().engine.drain(aid)
     publish_drain_follow_up(outcome)
-    publish_events_now()
     return (
         outcome.skipped
         or f"sent {outcome.sent}, failed {outcome.failed}, pending {outcome.deferred}"
@@ -112,6 +111,8 @@ def publish_drain_follow_up(outcome: DrainOutcome) -> None:
             "could not publish what follows the drain of account %s; the sweeper will",
             outcome.account_id,
         )
+    if outcome.attempts:  # a drain that recorded nothing wrote no events
+        publish_events_now()
 
 
 def publish_backup_follow_up(step: BackupStep) -> None:

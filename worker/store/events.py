@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import bindparam, exists, select, update
 from sqlalchemy.orm import Session
 
+from worker.store.db import changed_rows
 from worker.store.models import Account, Event, EventType, table
 from worker.store.models import Message as MessageRow
 
@@ -210,7 +211,7 @@ def redeliver(session: Session, *, message_id: int) -> int:
         .values(published_at=None)
         .execution_options(synchronize_session=False)
     )
-    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+    return changed_rows(result)
 
 
 __all__ = [

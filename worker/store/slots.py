@@ -1,8 +1,8 @@
 """A per-account cap on concurrent SMTP connections, shared by every worker process.
 
-Each account has `max_connections` slot rows. A process holds one slot while it has a
-connection open to the account (reused across messages), and renews it on every use;
-a slot whose holder died frees itself when `expires_at` passes. Claiming uses
+Each account has `max_connections` slot rows. A drain holds one slot while its
+connection is open (store.drains takes and gives it back, worker.lease renews it); a
+slot whose holder died frees itself when `expires_at` passes. Claiming uses
 `FOR UPDATE SKIP LOCKED` on PostgreSQL (SQLite serialises writers anyway).
 """
 
@@ -54,22 +54,8 @@ def acquire_statement(account_id: Any) -> Update:
     )
 
 
-# Built once with named parameters: they run for every message.
+# Built once with named parameters.
 _ACQUIRE = acquire_statement(bindparam("p_account_id"))
-_HOLD = (
-    update(_SLOTS)
-    .where(
-        _SLOTS.c.account_id == bindparam("p_account_id"), _SLOTS.c.holder == bindparam("p_holder")
-    )
-    .values(expires_at=bindparam("p_expires_at"))
-)
-_RELEASE = (
-    update(_SLOTS)
-    .where(
-        _SLOTS.c.account_id == bindparam("p_account_id"), _SLOTS.c.holder == bindparam("p_holder")
-    )
-    .values(holder=None, expires_at=None)
-)
 
 
 def acquire_slot(
@@ -88,32 +74,4 @@ def acquire_slot(
             },
         )
         .scalar()
-    )
-
-
-def hold_slot(
-    session: Session, account_id: int, *, holder: str, now: datetime, hold_s: float
-) -> None:
-    """Keep the slot while the connection stays open for reuse."""
-    session.connection().execute(
-        _HOLD,
-        {
-            "p_account_id": account_id,
-            "p_holder": holder,
-            "p_expires_at": now + timedelta(seconds=hold_s),
-        },
-    )
-
-
-def release_slot(session: Session, account_id: int, *, holder: str) -> None:
-    session.connection().execute(_RELEASE, {"p_account_id": account_id, "p_holder": holder})
-
-
-def release_all(session: Session, *, holder: str) -> None:
-    """A process shutting down gives back every slot it holds."""
-    session.execute(
-        update(SmtpSlot)
-        .where(SmtpSlot.holder == holder)
-        .values(holder=None, expires_at=None)
-        .execution_options(synchronize_session=False)
     )
