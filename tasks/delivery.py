@@ -111,7 +111,7 @@ def publish_drain_follow_up(outcome: DrainOutcome) -> None:
             "could not publish what follows the drain of account %s; the sweeper will",
             outcome.account_id,
         )
-    if outcome.attempts:  # a drain that recorded nothing wrote no events
+    if outcome.events_due:  # only mail with a status_task has events to publish by name
         publish_events_now()
 
 

@@ -14,13 +14,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy.orm import Session
+
 from worker.clock import Clock, utcnow
 from worker.contract import DRAIN_TASK, RETRY_QUEUE, SEND_QUEUE, broker_transport_options
 from worker.intake import FieldError, InvalidRequest, Limits, validate_batch, validate_request
 from worker.store.accept import Accepted, accept_many
 from worker.store.db import Database
 from worker.store.errors import StoreError
-from worker.wakeups import Publish, Wakeups
+from worker.wakeups import Publish, WakeUp, Wakeups
 
 __all__ = ["Accepted", "BatchResult", "IntakeClient", "broker_publisher", "enqueue", "enqueue_many"]
 
@@ -84,10 +86,10 @@ class IntakeClient:
         request = validate_request(fields, limits=self.limits, now=now)
         with self.db.session() as session:
             result = accept_many(session, [request], now=now, window_s=self.window_s)[0]
+            wake = self._wake_ups(session, [result])
         if isinstance(result, StoreError):
             raise _refusal(result)
-        if result.created:
-            self._wake([result])
+        self._publish(wake)
         return result
 
     def enqueue_many(self, requests: Sequence[Any]) -> list[BatchResult]:
@@ -98,9 +100,11 @@ class IntakeClient:
         validated = validate_batch(requests, limits=self.limits, now=now)
         good = [r for r in validated if not isinstance(r, InvalidRequest)]
         stored: list[Accepted | StoreError] = []
+        wake: list[WakeUp] = []
         if good:
             with self.db.session() as session:
                 stored = accept_many(session, good, now=now, window_s=self.window_s)
+                wake = self._wake_ups(session, stored)
         results: list[BatchResult] = []
         done = iter(stored)
         for item in validated:
@@ -112,12 +116,20 @@ class IntakeClient:
                 results.append(BatchResult(None, _refusal(outcome)))
             else:
                 results.append(BatchResult(outcome, None))
-        self._wake([r.accepted for r in results if r.accepted is not None and r.accepted.created])
+        self._publish(wake)
         return results
 
-    def _wake(self, accepted: list[Accepted]) -> None:
-        if self.wakeups is not None and accepted:
-            self.wakeups.accounts_due((a.account_id, a.due_at) for a in accepted)
+    def _wake_ups(self, session: Session, stored: Sequence[Accepted | StoreError]) -> list[WakeUp]:
+        """The drains to wake for the new mail, decided in the transaction that stores it
+        (one commit for both); published once it committed."""
+        created = [a for a in stored if isinstance(a, Accepted) and a.created]
+        if self.wakeups is None or not created:
+            return []
+        return self.wakeups.requested(session, ((a.account_id, a.due_at) for a in created))
+
+    def _publish(self, wake: list[WakeUp]) -> None:
+        if self.wakeups is not None and wake:
+            self.wakeups.publish(wake)
 
 
 def limits_from(settings: Any) -> Limits:

@@ -107,6 +107,8 @@ class DrainOutcome:
     timer_s: float | None = None
     backups: list[BackupHandOff] = field(default_factory=list)
     notices: list[NoticeDue] = field(default_factory=list)
+    #: A message with a `status_task` was recorded: its events are to be published.
+    events_due: bool = False
 
     @property
     def attempts(self) -> int:
@@ -256,10 +258,15 @@ class DeliveryEngine:
         now = self.clock()
         token = uuid.uuid4().hex
         holder = f"{self.holder}:{token[:8]}"
+        ends_at = self.monotonic() + self.config.batch_seconds
+        first: list[Claimed] | None = None
         with self.db.session() as session:
             start = drains.begin_drain(
                 session, account_id, holder=holder, now=now, hold_s=self.config.lease_s
             )
+            if start is not None and start.slot is not None and self._sends_at_once(start, now):
+                # The usual case, in the same transaction: one commit fewer a drain.
+                first = self._claim(session, start.account, token, now=now, ends_at=ends_at)
         if start is None:
             return DrainOutcome(account_id, skipped="no such account")
         if start.slot is None:
@@ -273,7 +280,7 @@ class DeliveryEngine:
             until=now + timedelta(seconds=self.config.lease_s),
         )
         try:
-            self._send_batches(account, lease, outcome)
+            self._send_batches(account, lease, outcome, ends_at=ends_at, first=first)
         finally:
             self.keeper.release(lease)
             self.pool.close(smtp_key(account))
@@ -287,7 +294,48 @@ class DeliveryEngine:
             account_id = drains.account_of_message(session, message_id)
         return None if account_id is None else self.drain(account_id)
 
-    def _send_batches(self, account: drains.DrainAccount, lease: Lease, out: DrainOutcome) -> None:
+    @staticmethod
+    def _sends_at_once(start: drains.DrainStart, now: datetime) -> bool:
+        """May the drain claim its first batch as it starts: no pause, no incident?"""
+        return not start.account.throttled(now) and start.account.incident_id is None
+
+    def _claim(
+        self,
+        session: Session,
+        account: drains.DrainAccount,
+        token: str,
+        *,
+        now: datetime,
+        ends_at: float,
+        left: int | None = None,
+        probing: bool = False,
+        probe: int | None = None,
+    ) -> list[Claimed]:
+        """Lease the account's next batch: as many as fit in the drain's time (one for
+        an incident's probe, `probe` first)."""
+        return drains.claim_batch(
+            session,
+            account.id,
+            token=token,
+            limit=1
+            if probing
+            else self._claim_size(account.id, left or self.config.batch_size, ends_at),
+            now=now,
+            lease_until=now + timedelta(seconds=self.config.lease_s),
+            early_tolerance_s=self.config.early_tolerance_s,
+            first=probe,
+        )
+
+    def _send_batches(
+        self,
+        account: drains.DrainAccount,
+        lease: Lease,
+        out: DrainOutcome,
+        *,
+        ends_at: float,
+        first: list[Claimed] | None,
+    ) -> None:
+        """Send batch after batch; `first`: the batch claimed as the drain began."""
         now = self.clock()
         state = _AccountState(account.throttle_level, account.incident_id)
         if account.throttled(now):
@@ -309,28 +357,28 @@ class DeliveryEngine:
             self._unreadable_password(account, exc, out)
             return
 
-        started = self.monotonic()
-        ends_at = started + self.config.batch_seconds
         left = self.config.batch_size
         while left > 0 and not state.stop and self.monotonic() < ends_at:
             now = self.clock()
-            limit = 1 if state.probing else self._claim_size(account.id, left, ends_at)
-            with self.db.session() as session:
-                batch = drains.claim_batch(
-                    session,
-                    account.id,
-                    token=lease.token,
-                    limit=limit,
-                    now=now,
-                    lease_until=now + timedelta(seconds=self.config.lease_s),
-                    early_tolerance_s=self.config.early_tolerance_s,
-                    # The incident's probe is the message that failed last: its backoff
-                    # paces the tests of the broken server.
-                    first=account.probe_message_id if state.probing else None,
-                )
+            if first is not None:
+                batch, first = first, None
+            else:
+                with self.db.session() as session:
+                    batch = self._claim(
+                        session,
+                        account,
+                        lease.token,
+                        now=now,
+                        ends_at=ends_at,
+                        left=left,
+                        probing=state.probing,
+                        # The incident's probe is the message that failed last: its
+                        # backoff paces the tests of the broken server.
+                        probe=account.probe_message_id if state.probing else None,
+                    )
             if not batch:
                 return
-            lease.claimed(now + timedelta(seconds=self.config.lease_s), [m.id for m in batch])
+            lease.claimed(batch[0].lease_until, [m.id for m in batch])
             for claimed in batch:
                 if state.stop or self.monotonic() >= ends_at:
                     break  # the rest goes back to the queue when the drain ends
@@ -439,6 +487,7 @@ class DeliveryEngine:
             # Every recipient was settled by earlier attempts; only the status lagged.
             with self.db.session() as session:
                 status = settle_without_sending(session, claimed, now=now)
+            out.events_due = out.events_due or claimed.status_task is not None
             if status == MessageStatus.SENT.value:
                 out.sent += 1
             else:
@@ -486,6 +535,7 @@ class DeliveryEngine:
                 self.db, claimed, attempt, update_, now=finished, give_up_after_s=give_up_after_s
             )
         lease.in_doubt = None
+        out.events_due = out.events_due or claimed.status_task is not None
         if action is Action.SENT:
             out.sent += 1
         elif action is Action.FAILED:

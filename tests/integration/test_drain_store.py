@@ -8,23 +8,27 @@ serialises its writers. What a drain, intake and the sweeper see must not differ
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 
 from standins.accounts import make_account
 from worker.client import IntakeClient
 from worker.clock import utcnow
 from worker.crypto import SecretBox
-from worker.intake import Limits
+from worker.intake import Limits, validate_request
 from worker.store import drains
+from worker.store.accept import accept_many
 from worker.store.db import Database
 from worker.store.messages import AttemptRecord, Claimed, MessageUpdate
 from worker.store.models import Account, Attempt, Message, SmtpSlot
 from worker.store.sweep import sweep_messages
+from worker.wakeups import Wakeups
 
 LEASE_S = 60.0
 TOLERANCE_S = 1.0
@@ -291,6 +295,111 @@ def test_intake_publishes_one_wake_up_per_account_until_a_drain_takes_it(store, 
         assert drains.request_drain(
             session, account_id, now=now, at=in_90 - timedelta(seconds=30), stale_s=60.0
         )
+
+
+def test_no_wake_up_while_a_drain_runs_its_end_finds_the_new_mail(store, box):
+    """The issue's rule: intake publishes only when no drain is pending or running. The
+    running drain's end sees what arrived meanwhile and says it is due."""
+    account_id = _account(store, box, max_connections=2)
+    assert _begin(store, account_id, "w:1") is not None  # takes a slot and the flag
+    [mail] = _enqueue(store, 1)
+    with store.session() as session:
+        assert not drains.request_drain(session, account_id, now=utcnow(), stale_s=60.0)
+    assert _flags(store, account_id)[0] is None
+    queue = _end(store, account_id, "w:1", "t1")
+    assert queue is not None and queue.due_now == 1 and queue.free_slots == 2
+    # The drain is over: now a new mail's intake publishes a wake-up.
+    with store.session() as session:
+        assert drains.request_drain(session, account_id, now=utcnow(), stale_s=60.0)
+    # A slot whose lease ran out (its drain died) is no running drain.
+    other = _account(store, box, "other")
+    assert _begin(store, other, "dead:1", now=utcnow() - timedelta(seconds=LEASE_S + 1))
+    with store.session() as session:
+        assert drains.request_drain(session, other, now=utcnow(), stale_s=60.0)
+    assert mail
+
+
+def _wait_for_a_lock_wait(db: Database) -> None:
+    """Until another backend of the test database waits for a lock (a row lock here)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with db.engine.connect() as conn:
+            waiting = conn.execute(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND wait_event_type = 'Lock'"
+                )
+            ).scalar_one()
+        if waiting:
+            return
+        time.sleep(0.01)
+    raise AssertionError("nobody waited for the account's lock")
+
+
+def _end_in(session, account_id: int):
+    return drains.end_drain(
+        session,
+        account_id,
+        holder="w:1",
+        token="t",
+        now=utcnow(),
+        count_up_to=100,
+        early_tolerance_s=TOLERANCE_S,
+    )
+
+
+def test_intake_waits_for_a_drains_end_and_then_publishes(db, box):
+    """PostgreSQL, two connections: a drain's end holds the account's lock; intake's
+    transaction (store the mail, ask for a drain) waits for it, then sees the slot free
+    and publishes. The mail is never left with no drain coming."""
+    account_id = _account(db, box)
+    published: list[tuple[int, float | None]] = []
+    client = IntakeClient(
+        db,
+        limits=Limits(),
+        window_s=3600.0,
+        wakeups=Wakeups(db, lambda a, c: published.append((a, c)), grace_s=60, countdown_max_s=300),
+    )
+    assert _begin(db, account_id, "w:1") is not None
+    with db.session() as ending:
+        queue = _end_in(ending, account_id)
+        assert queue is not None and queue.due_now == 0
+        intake = threading.Thread(
+            target=lambda: client.enqueue(
+                account="acme", to=["a@example.com"], subject="s", text="x"
+            )
+        )
+        intake.start()
+        _wait_for_a_lock_wait(db)
+        assert published == []
+    intake.join(10)
+    assert published == [(account_id, None)]
+
+
+def test_a_drains_end_waits_for_intake_and_then_counts_its_mail(db, box):
+    """The other order: intake's transaction holds the lock (a drain is running: no
+    wake-up); the drain's end waits for it and then counts the new mail as due."""
+    account_id = _account(db, box)
+    assert _begin(db, account_id, "w:1") is not None
+    request = validate_request(
+        {"account": "acme", "to": ["a@example.com"], "subject": "s", "text": "x"},
+        limits=Limits(),
+        now=utcnow(),
+    )
+    seen: list[drains.QueueState | None] = []
+
+    def end() -> None:
+        with db.session() as session:
+            seen.append(_end_in(session, account_id))
+
+    with db.session() as intake:
+        accept_many(intake, [request], now=utcnow(), window_s=3600.0)
+        assert not drains.request_drain(intake, account_id, now=utcnow(), stale_s=60.0)
+        ending = threading.Thread(target=end)
+        ending.start()
+        _wait_for_a_lock_wait(db)
+    ending.join(10)
+    assert seen and seen[0] is not None and seen[0].due_now == 1
 
 
 def test_the_sweeper_wakes_only_accounts_nobody_is_draining(store, box):

@@ -2,7 +2,8 @@
 
 Requests arrive validated (`worker.intake`); what only the database can check is checked
 here and reported with this module's own errors: the account must exist and give a From.
-The caller wakes the account's drain after commit (`store.drains.request_drain`); if that
+The caller asks for the account's drain in the same transaction
+(`store.drains.request_drain`) and publishes the wake-up after the commit; if that
 wake-up is lost, the sweeper finds the account's due mail.
 """
 
@@ -156,7 +157,10 @@ def accept_many(
             first_of_key[key] = index
         new_rows.append((index, _row(request, account.id, from_addr, now=now, window_s=window_s)))
 
-    if new_rows:
+    if new_rows and not first_of_key:
+        # No idempotency key, nothing that a concurrent request could collide with.
+        ids = _insert(session, new_rows, requests)
+    elif new_rows:
         try:
             # A savepoint: a concurrent twin (same key, committed meanwhile) costs a retry
             # of this call's rows one by one, not the caller's whole transaction.
@@ -164,11 +168,13 @@ def accept_many(
                 ids = _insert(session, new_rows, requests)
         except IntegrityError:
             ids = _insert_one_by_one(session, new_rows, requests, twins)
-        for (index, new_row), message_id in zip(new_rows, ids, strict=True):
-            # A negative id: a concurrent twin's (see _insert_one_by_one).
-            results[index] = Accepted(
-                abs(message_id), message_id > 0, new_row["account_id"], new_row["next_attempt_at"]
-            )
+    else:
+        ids = []
+    for (index, new_row), message_id in zip(new_rows, ids, strict=True):
+        # A negative id: a concurrent twin's (see _insert_one_by_one).
+        results[index] = Accepted(
+            abs(message_id), message_id > 0, new_row["account_id"], new_row["next_attempt_at"]
+        )
 
     for index, request in enumerate(requests):
         if results[index] is None:

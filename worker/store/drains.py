@@ -114,15 +114,26 @@ class DrainStart:
     slot: int | None
 
 
-_OPEN_INCIDENT = (
-    select(_INCIDENTS.c.id, _INCIDENTS.c.probe_until, _INCIDENTS.c.probe_message_id)
-    .where(_INCIDENTS.c.account_id == bindparam("p_account_id"), _INCIDENTS.c.closed_at.is_(None))
-    .limit(1)
-)
+#: The account's row lock, with its open incident (at most one: a unique partial index)
+#: read in the same statement. FOR NO KEY UPDATE, not FOR UPDATE: it must not block the
+#: foreign-key share lock that inserting the account's mail takes (intake runs while the
+#: account's drains start and end).
 _LOCK_ACCOUNT = (
-    select(*(_ACCOUNTS.c[name] for name in DrainAccount.COLUMNS), _ACCOUNTS.c.drain_timer_at)
+    select(
+        *(_ACCOUNTS.c[name] for name in DrainAccount.COLUMNS),
+        _ACCOUNTS.c.drain_timer_at,
+        _INCIDENTS.c.id.label("incident_id"),
+        _INCIDENTS.c.probe_until,
+        _INCIDENTS.c.probe_message_id,
+    )
+    .select_from(
+        _ACCOUNTS.outerjoin(
+            _INCIDENTS,
+            and_(_INCIDENTS.c.account_id == _ACCOUNTS.c.id, _INCIDENTS.c.closed_at.is_(None)),
+        )
+    )
     .where(_ACCOUNTS.c.id == bindparam("p_account_id"))
-    .with_for_update()
+    .with_for_update(of=_ACCOUNTS, key_share=True)
 )
 _ACQUIRE_SLOT = acquire_statement(bindparam("p_account_id"))
 _SET_FLAGS = (
@@ -136,16 +147,15 @@ _SET_FLAGS = (
 
 
 def _lock_account(session: Session, account_id: int) -> Any:
-    return session.connection().execute(_LOCK_ACCOUNT, {"p_account_id": account_id}).one_or_none()
+    return session.connection().execute(_LOCK_ACCOUNT, {"p_account_id": account_id}).first()
 
 
-def _drain_account(session: Session, row: Any) -> DrainAccount:
-    incident = session.connection().execute(_OPEN_INCIDENT, {"p_account_id": row.id}).first()
+def _drain_account(row: Any) -> DrainAccount:
     return DrainAccount(
         **{name: getattr(row, name) for name in DrainAccount.COLUMNS},
-        incident_id=incident.id if incident is not None else None,
-        probe_until=incident.probe_until if incident is not None else None,
-        probe_message_id=incident.probe_message_id if incident is not None else None,
+        incident_id=row.incident_id,
+        probe_until=row.probe_until,
+        probe_message_id=row.probe_message_id,
     )
 
 
@@ -182,7 +192,7 @@ def begin_drain(
             "p_timer_at": timer_at if timer_at is not None and timer_at > now else None,
         },
     )
-    return DrainStart(_drain_account(session, row), slot)
+    return DrainStart(_drain_account(row), slot)
 
 
 #: Send order, also the order the sweeper assumes when a drain dies (store.sweep).
@@ -358,18 +368,32 @@ _WAITING = and_(
     _MESSAGES.c.deadline > bindparam("p_now"),
     _MESSAGES.c.lease_token.is_(None),
 )
-_DUE_NOW = select(func.count()).select_from(
-    select(_MESSAGES.c.id)
-    .where(_WAITING, _MESSAGES.c.next_attempt_at <= bindparam("p_due_by"))
-    .limit(bindparam("p_limit"))
-    .subquery()
+_DUE_NOW = (
+    select(func.count())
+    .select_from(
+        select(_MESSAGES.c.id)
+        .where(_WAITING, _MESSAGES.c.next_attempt_at <= bindparam("p_due_by"))
+        .limit(bindparam("p_limit"))
+        .subquery()
+    )
+    .scalar_subquery()
 )
-_NEXT_DUE = select(func.min(_MESSAGES.c.next_attempt_at)).where(
-    _WAITING, _MESSAGES.c.next_attempt_at > bindparam("p_due_by")
+_NEXT_DUE = (
+    select(func.min(_MESSAGES.c.next_attempt_at))
+    .where(_WAITING, _MESSAGES.c.next_attempt_at > bindparam("p_due_by"))
+    .scalar_subquery()
 )
-_FREE_SLOTS = select(func.count()).where(
-    _SLOTS.c.account_id == bindparam("p_account_id"),
-    or_(_SLOTS.c.holder.is_(None), _SLOTS.c.expires_at < bindparam("p_now")),
+_FREE_SLOTS = (
+    select(func.count())
+    .where(
+        _SLOTS.c.account_id == bindparam("p_account_id"),
+        or_(_SLOTS.c.holder.is_(None), _SLOTS.c.expires_at < bindparam("p_now")),
+    )
+    .scalar_subquery()
+)
+#: What a drain's end looks at, in one round trip.
+_QUEUE_STATE = select(
+    _DUE_NOW.label("due_now"), _FREE_SLOTS.label("free_slots"), _NEXT_DUE.label("next_due_at")
 )
 
 
@@ -404,11 +428,12 @@ def end_drain(
         "p_due_by": now + timedelta(seconds=early_tolerance_s),
         "p_limit": count_up_to,
     }
+    state = conn.execute(_QUEUE_STATE, params).one()
     return QueueState(
-        account=_drain_account(session, row),
-        due_now=int(conn.execute(_DUE_NOW, params).scalar_one()),
-        free_slots=int(conn.execute(_FREE_SLOTS, params).scalar_one()),
-        next_due_at=conn.execute(_NEXT_DUE, params).scalar(),
+        account=_drain_account(row),
+        due_now=int(state.due_now),
+        free_slots=int(state.free_slots),
+        next_due_at=state.next_due_at,
         timer_at=row.drain_timer_at,
     )
 
@@ -442,6 +467,18 @@ def timer_needed(
     return scheduled_at > wanted_at + timedelta(seconds=1.0)
 
 
+_HELD_SLOT = exists(
+    select(1).where(
+        _SLOTS.c.account_id == bindparam("p_account_id"),
+        _SLOTS.c.holder.is_not(None),
+        _SLOTS.c.expires_at >= bindparam("p_now"),
+    )
+)
+_LOCK_FOR_REQUEST = (
+    select(_ACCOUNTS.c.id)
+    .where(_ACCOUNTS.c.id == bindparam("p_account_id"))
+    .with_for_update(key_share=True)
+)
 _REQUEST_NOW = (
     update(_ACCOUNTS)
     .where(
@@ -450,6 +487,8 @@ _REQUEST_NOW = (
             _ACCOUNTS.c.drain_queued_at.is_(None),
             _ACCOUNTS.c.drain_queued_at < bindparam("p_stale_before"),
         ),
+        # A running drain looks at the queue when it ends (end_drain), under this lock.
+        not_(_HELD_SLOT),
     )
     .values(drain_queued_at=bindparam("p_now"))
     .returning(_ACCOUNTS.c.id)
@@ -479,12 +518,21 @@ def request_drain(
 ) -> bool:
     """Mail of the account is due at `at` (default now): must a wake-up be published?
 
-    True once per account until a drain takes it, or again after `stale_s` (the
-    wake-up may have been lost). Call after the mail's own transaction committed.
+    True once per account while no drain of it is pending or running, or again after
+    `stale_s` (the wake-up may have been lost). Run in the transaction that stored the
+    mail, or in one of its own after that committed.
+
+    Why no wake-up while a drain runs: that drain's end (`end_drain`) looks at the queue
+    under the account's row lock and publishes what it finds. This takes the same lock
+    first, then looks for a held slot in a statement of its own (a fresh snapshot): either
+    the drain's end committed before (its slot is free: this publishes), or it waits for
+    this transaction and then sees this mail.
     """
     stale_before = now - timedelta(seconds=stale_s)
     conn = session.connection()
     if at is None or at <= now + timedelta(seconds=1.0):
+        if conn.execute(_LOCK_FOR_REQUEST, {"p_account_id": account_id}).first() is None:
+            return False
         result = conn.execute(
             _REQUEST_NOW,
             {"p_account_id": account_id, "p_now": now, "p_stale_before": stale_before},

@@ -61,6 +61,8 @@ class Claimed:
     deadline: datetime
     created_at: datetime
     lease_until: datetime
+    #: The caller's task for status events (None: nobody listens by task name).
+    status_task: str | None = None
 
     def record_time_s(self, now: datetime) -> float:
         """How long recording this attempt may keep retrying: until shortly before the
@@ -94,6 +96,7 @@ CLAIM_RETURNING = tuple(
         "created_at",
         "delivered_to",
         "attachment_count",
+        "status_task",
         *EMAIL_COLUMNS,
     )
 )
@@ -308,6 +311,7 @@ def _claimed(
         deadline=row.deadline,
         created_at=row.created_at,
         lease_until=lease_until,
+        status_task=row.status_task,
     )
 
 
