@@ -43,7 +43,7 @@ from worker.decide import (
     stops_the_batch,
     throttle_pause_s,
 )
-from worker.events import after_attempt
+from worker.events import after_attempt, refused_for_good
 from worker.lease import Lease, LeaseKeeper
 from worker.message import compose
 from worker.replies import Reply, Stage, Verdict, classify
@@ -687,13 +687,7 @@ class DeliveryEngine:
             channel=Channel.SMTP.value,
             explanation=decision.explanation,
             accepted=result.accepted,
-            # Refused for good now (a greylisted RCPT is a deferral, not a refusal).
-            refusals={
-                rcpt: why
-                for rcpt, why in decision.refusals.items()
-                if decision.settled.get(rcpt, {}).get("outcome") == "refused"
-                and claimed.delivered_to.get(rcpt, {}).get("outcome") != "refused"
-            },
+            refusals=refused_for_good(decision.refusals, decision.settled, claimed.delivered_to),
             next_attempt_at=next_at if decision.status == MessageStatus.PENDING.value else None,
             attempts=claimed.attempt_number,
         )

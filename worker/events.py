@@ -77,6 +77,21 @@ def after_attempt(
     return tuple(drafts)
 
 
+def refused_for_good(
+    refusals: Mapping[str, Explanation],
+    settled: Mapping[str, Mapping[str, Any]],
+    settled_before: Mapping[str, Mapping[str, Any]],
+) -> dict[str, Explanation]:
+    """The recipients this attempt refused for good, each told once: a refusal that is
+    only a deferral (a greylisted RCPT) is not one, nor one an earlier attempt reported."""
+    return {
+        rcpt: why
+        for rcpt, why in refusals.items()
+        if settled.get(rcpt, {}).get("outcome") == "refused"
+        and settled_before.get(rcpt, {}).get("outcome") != "refused"
+    }
+
+
 def _queue_id(text: str | None) -> str | None:
     """The server's queue id from a 250 reply ("2.0.0 Ok: queued as 4F2A1B"), if it says."""
     if not text:

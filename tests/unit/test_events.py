@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from worker.events import _queue_id, after_attempt, backup_event
+from worker.events import _queue_id, after_attempt, backup_event, refused_for_good
 from worker.replies import Stage, classify, reply_from
 from worker.store.models import EventType
 
@@ -94,3 +94,16 @@ def test_a_backup_event_names_its_channel():
         "code": 202,
         "queue_id": "sg-1",
     }
+
+
+def test_only_new_refusals_for_good_become_recipient_failures():
+    unknown = classify(reply_from(550, "5.1.1 no such user"), Stage.RCPT)
+    grey = classify(reply_from(450, "4.2.0 greylisted"), Stage.RCPT)
+    refusals = {"gone@x.org": unknown, "grey@x.org": grey, "told@x.org": unknown}
+    settled = {
+        "gone@x.org": {"outcome": "refused"},
+        "grey@x.org": {"outcome": "deferred"},  # a deferral: tried again later
+        "told@x.org": {"outcome": "refused"},
+    }
+    before = {"told@x.org": {"outcome": "refused"}}  # an earlier attempt reported it
+    assert refused_for_good(refusals, settled, before) == {"gone@x.org": unknown}
