@@ -53,6 +53,7 @@ TABLES = (
     "metric_marks",
     "maintenance_runs",
     "events",
+    "webhook_destinations",
 )
 
 
