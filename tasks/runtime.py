@@ -169,6 +169,8 @@ class Runtime:
                 global_url=s.events_webhook,
                 batch=s.events_batch,
                 window_s=s.events_retry_window_s,
+                # Longer than one POST can take; renewed before each.
+                lease_s=2 * s.events_timeout_s + 5,
             )
         return self._dispatcher
 

@@ -37,8 +37,6 @@ BODY_VERSION = 1
 RETRY_BASE_S = 5.0
 #: Longest wait between two tries of a failing destination.
 RETRY_MAX_S = 2 * 3600.0
-#: A dispatcher holds a destination this long (a POST's timeout is well inside it).
-LEASE_S = 120.0
 USER_AGENT = "outbox-webhooks/1"
 
 #: resolve(host, port) -> the addresses the host resolves to.
@@ -188,8 +186,12 @@ class Dispatcher:
         global_url: str | None,
         batch: int = 100,
         window_s: float = 24 * 3600.0,
+        lease_s: float = 35.0,
         clock: Clock = utcnow,
     ) -> None:
+        #: How long a dispatcher holds a destination without renewing it (renewed before
+        #: each POST; longer than a POST's timeout), so a dead one's is free soon after.
+        self.lease_s = lease_s
         self.db = db
         self.poster = poster
         self.decrypt = decrypt
@@ -205,11 +207,15 @@ class Dispatcher:
             if not store.any_destination(session):
                 return 0
         total = 0
+        served: set[int] = set()
         for _ in range(max_destinations):
             with self.db.session() as session:
-                dest = store.claim_next(session, now=self.clock(), lease_s=LEASE_S)
+                dest = store.claim_next(
+                    session, now=self.clock(), lease_s=self.lease_s, skip=served
+                )
             if dest is None:
                 break
+            served.add(dest.id)
             total += self._drain(dest, max_batches=max_batches)
         return total
 
@@ -223,6 +229,9 @@ class Dispatcher:
         for _ in range(max_batches):
             with self.db.session() as session:
                 due = store.due_events(session, dest, limit=self.batch)
+                if due:
+                    until = self.clock() + timedelta(seconds=self.lease_s)
+                    store.renew(session, dest.id, until=until)
             if not due:
                 break
             events = [d.event for d in due]

@@ -33,8 +33,10 @@ def spec_verify(secret: str, headers: dict[str, str], body: bytes, *, now: float
 class SignedReceiver:
     """Records each POST: headers, body, whether the signature of `secret` checked out."""
 
-    def __init__(self, secret: str, *, status: int = 200) -> None:
+    def __init__(self, secret: str, *, status: int = 200, delay_s: float = 0.0) -> None:
         self.secret = secret
+        #: A slow receiver: each answer takes this long (a kill lands mid-delivery).
+        self.delay_s = delay_s
         self.status = status
         #: Statuses to answer first, one per POST, before `status`.
         self.script: list[int] = []
@@ -47,6 +49,8 @@ class SignedReceiver:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 headers = {k.lower(): v for k, v in self.headers.items()}
                 ok = spec_verify(receiver.secret, headers, body, now=time.time())
+                if receiver.delay_s:
+                    threading.Event().wait(receiver.delay_s)
                 with receiver._lock:
                     answer = receiver.script.pop(0) if receiver.script else receiver.status
                     if not ok:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import itertools
 
 import pytest
 
@@ -103,7 +104,7 @@ def test_public_addresses_are_allowed() -> None:
 def test_backoff_grows_to_its_cap() -> None:
     delays = [retry_delay_s(failures=n) for n in range(1, 10)]
     assert delays[:4] == [5, 20, 80, 320]
-    assert all(a <= b for a, b in zip(delays, delays[1:], strict=False))
+    assert all(a <= b for a, b in itertools.pairwise(delays))
     assert delays[-1] == 7200
     # Over the 24 h window a failing destination is tried at least a dozen times.
     assert sum(delays) < 24 * 3600

@@ -115,8 +115,15 @@ def any_destination(session: Session) -> bool:
     return session.execute(select(WebhookDestination.id).limit(1)).first() is not None
 
 
-def claim_next(session: Session, *, now: datetime, lease_s: float) -> Claimed | None:
-    """Take one enabled destination that is due and held by no other dispatcher."""
+def claim_next(
+    session: Session,
+    *,
+    now: datetime,
+    lease_s: float,
+    skip: set[int] | frozenset[int] = frozenset(),
+) -> Claimed | None:
+    """Take one enabled destination that is due and held by no other dispatcher (and
+    not in ``skip``: those this run has served already)."""
     row = session.execute(
         select(WebhookDestination, Account.events_secret_encrypted)
         .outerjoin(Account, Account.id == WebhookDestination.account_id)
@@ -124,6 +131,7 @@ def claim_next(session: Session, *, now: datetime, lease_s: float) -> Claimed | 
             WebhookDestination.disabled_at.is_(None),
             or_(WebhookDestination.lease_until.is_(None), WebhookDestination.lease_until < now),
             or_(WebhookDestination.next_try_at.is_(None), WebhookDestination.next_try_at <= now),
+            WebhookDestination.id.not_in(skip),
         )
         .order_by(WebhookDestination.lease_until.nulls_first(), WebhookDestination.id)
         .limit(1)
@@ -219,6 +227,13 @@ def failed(
     )
 
 
+def renew(session: Session, dest_id: int, *, until: datetime) -> None:
+    """Hold the destination longer: the next POST is about to go out."""
+    session.execute(
+        update(WebhookDestination).where(WebhookDestination.id == dest_id).values(lease_until=until)
+    )
+
+
 def release(session: Session, dest_id: int) -> None:
     session.execute(
         update(WebhookDestination).where(WebhookDestination.id == dest_id).values(lease_until=None)
@@ -310,5 +325,6 @@ __all__ = [
     "failed",
     "redeliver",
     "release",
+    "renew",
     "set_account_webhook",
 ]
