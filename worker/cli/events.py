@@ -94,7 +94,7 @@ def events(
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead.")
 @pass_ctx
 def redeliver(ctx: Context, message_id: int, as_json: bool) -> None:
-    """Send a message's events again: to its status task and to its webhook.
+    """Send a message's events again (status task, webhook).
 
     The same events, with the same ids, in the same order."""
     from worker.store.events import redeliver as mark_again

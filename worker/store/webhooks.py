@@ -56,8 +56,11 @@ def _last_event_id(session: Session) -> int:
     return int(session.execute(select(func.coalesce(func.max(Event.id), 0))).scalar_one())
 
 
-def _upsert(session: Session, *, key: str, account_id: int | None, url: str) -> None:
-    """Create or re-point a destination; setting it (again) re-enables it."""
+def _upsert(
+    session: Session, *, key: str, account_id: int | None, url: str, from_start: bool = False
+) -> None:
+    """Create or re-point a destination; setting it (again) re-enables it. A new one
+    gets the events written from now on, or (``from_start``) every one still due."""
     row = session.execute(
         select(WebhookDestination).where(WebhookDestination.key == key).with_for_update()
     ).scalar_one_or_none()
@@ -67,7 +70,7 @@ def _upsert(session: Session, *, key: str, account_id: int | None, url: str) -> 
                 key=key,
                 account_id=account_id,
                 url=url,
-                start_event_id=_last_event_id(session) + 1,
+                start_event_id=0 if from_start else _last_event_id(session) + 1,
                 failures=0,
                 delivered=0,
             )
@@ -100,7 +103,9 @@ def set_account_webhook(
 
 
 def ensure_global(session: Session, url: str | None) -> None:
-    """The global destination follows OUTBOX_EVENTS_WEBHOOK (a new URL re-enables it)."""
+    """The global destination follows OUTBOX_EVENTS_WEBHOOK (a new URL re-enables it).
+    It is created by the first dispatcher run, after events may have been written with
+    the setting already on: it takes every event still in the table that no webhook got."""
     row = session.execute(
         select(WebhookDestination.url).where(WebhookDestination.key == GLOBAL_KEY)
     ).scalar_one_or_none()
@@ -108,7 +113,7 @@ def ensure_global(session: Session, url: str | None) -> None:
         if row is not None:
             session.execute(delete(WebhookDestination).where(WebhookDestination.key == GLOBAL_KEY))
     elif row != url:
-        _upsert(session, key=GLOBAL_KEY, account_id=None, url=url)
+        _upsert(session, key=GLOBAL_KEY, account_id=None, url=url, from_start=True)
 
 
 def any_destination(session: Session) -> bool:
