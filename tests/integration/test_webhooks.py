@@ -402,3 +402,35 @@ def test_kill_9_while_delivering_and_a_flushed_broker_lose_no_event(env, db, box
         for e in got:
             assert by_id.setdefault(e["id"], e) == e  # a duplicate is the same event
         assert len(mids) == 60
+
+
+def test_incident_notices_are_signed_guarded_and_410_is_an_alert(db, box, receiver, caplog):
+    from worker.notify import Notice, NoticeFailed, Notifier
+
+    notice = Notice(
+        kind="opened",
+        account="acme",
+        payload={"event": "smtp_incident.opened", "account": "acme"},
+        subject="s",
+        text="t",
+        webhook=receiver.url,
+        email=None,
+        secret_encrypted=box.encrypt(SECRET),
+    )
+
+    def notifier(allow_private: bool = True) -> Notifier:
+        poster = Poster(http=httpx.Client(timeout=5), secrets=[], allow_private=allow_private)
+        return Notifier(db, http=httpx.Client(timeout=5), poster=poster, decrypt=box.decrypt)
+
+    assert notifier()._post_signed(notice, 7) == "by signed webhook"
+    assert receiver.posts[0]["verified"]
+    assert receiver.posts[0]["body"]["event"] == "smtp_incident.opened"
+    receiver.script = [500, 410]
+    with pytest.raises(NoticeFailed, match="500"):
+        notifier()._post_signed(notice, 7)
+    with caplog.at_level(logging.ERROR, logger="outbox.notify"):
+        assert "410" in notifier()._post_signed(notice, 7)
+    assert any("410" in r.getMessage() for r in caplog.records)
+    with pytest.raises(NoticeFailed, match="plain http"):
+        notifier(allow_private=False)._post_signed(notice, 7)
+    assert len(receiver.posts) == 3
