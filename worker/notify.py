@@ -234,7 +234,7 @@ class Notifier:
             return "not by webhook (410 Gone)"
         if not result.ok:
             raise NoticeFailed(f"webhook {notice.webhook} {result.error}")
-        return "by signed webhook"
+        return "by webhook"
 
     def _deliver(self, notice: Notice, incident_id: int) -> str:
         """Send the notice every way the account has; says which ways, for the log."""

@@ -422,7 +422,7 @@ def test_incident_notices_are_signed_guarded_and_410_is_an_alert(db, box, receiv
         poster = Poster(http=httpx.Client(timeout=5), secrets=[], allow_private=allow_private)
         return Notifier(db, http=httpx.Client(timeout=5), poster=poster, decrypt=box.decrypt)
 
-    assert notifier()._post_signed(notice, 7) == "by signed webhook"
+    assert notifier()._post_signed(notice, 7) == "by webhook"
     assert receiver.posts[0]["verified"]
     assert receiver.posts[0]["body"]["event"] == "smtp_incident.opened"
     receiver.script = [500, 410]
