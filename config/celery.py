@@ -15,6 +15,7 @@ from worker.contract import (
     BACKUP_QUEUE,
     BACKUP_TASK,
     CANCEL_TASK,
+    DELIVER_WEBHOOKS_TASK,
     DRAIN_TASK,
     ENQUEUE_MANY_TASK,
     ENQUEUE_TASK,
@@ -108,6 +109,11 @@ app.conf.update(
             "task": PUBLISH_EVENTS_TASK,
             "schedule": settings.sweep_interval_s,
             "options": {"queue": MAINTENANCE_QUEUE, "expires": settings.sweep_interval_s},
+        },
+        DELIVER_WEBHOOKS_TASK: {
+            "task": DELIVER_WEBHOOKS_TASK,
+            "schedule": settings.events_interval_s,
+            "options": {"queue": MAINTENANCE_QUEUE, "expires": settings.events_interval_s},
         },
     },
 )

@@ -151,6 +151,20 @@ class Settings:
     metrics_max_accounts: int = 200
     metrics_address: str = "127.0.0.1"
     metrics_port: int = 9464
+    #: Global events URL: accounts without their own webhook post their events here.
+    events_webhook: str | None = None
+    #: Webhook secrets (`whsec_...`); all of them sign (rotation).
+    events_secrets: tuple[str, ...] = field(default=(), repr=False)
+    #: Allow webhook hosts on private/loopback/link-local addresses and plain http.
+    events_allow_private: bool = False
+    #: A failing destination is retried with backoff this long, then marked failing.
+    events_retry_window_s: float = 24 * 3600.0
+    #: Events per webhook POST.
+    events_batch: int = 100
+    #: How often beat runs the webhook dispatcher.
+    events_interval_s: float = 5.0
+    #: HTTP timeout of one webhook POST.
+    events_timeout_s: float = 15.0
 
     @property
     def secret_key_warning(self) -> str | None:
@@ -277,9 +291,47 @@ class Settings:
             metrics_max_accounts=_int(env, "OUTBOX_METRICS_MAX_ACCOUNTS", 200, minimum=0),
             metrics_address=(env.get("OUTBOX_METRICS_ADDRESS") or "").strip() or "127.0.0.1",
             metrics_port=_int(env, "OUTBOX_METRICS_PORT", 9464, minimum=0),
+            **cls._events(env),  # type: ignore[arg-type]
         )
         settings._check_consistency()
         return settings
+
+    @staticmethod
+    def _events(env: Mapping[str, str]) -> dict[str, object]:
+        from worker.webhook_signing import secret_problem, url_problem
+
+        allow_private = _bool(env, "OUTBOX_EVENTS_ALLOW_PRIVATE")
+        url = (env.get("OUTBOX_EVENTS_WEBHOOK") or "").strip() or None
+        if url is not None:
+            problem = url_problem(url, allow_private=allow_private)
+            if problem:
+                raise SettingsError(f"OUTBOX_EVENTS_WEBHOOK={url!r} {problem}.")
+        secrets = tuple(
+            s.strip() for s in (env.get("OUTBOX_EVENTS_SECRET") or "").split(",") if s.strip()
+        )
+        for index, secret in enumerate(secrets):
+            problem = secret_problem(secret)
+            if problem:
+                where = "OUTBOX_EVENTS_SECRET" + (f" (secret #{index + 1})" if index else "")
+                raise SettingsError(f"{where} is not a valid webhook secret: it {problem}.")
+        window = _duration(env, "OUTBOX_EVENTS_RETRY_WINDOW", 24 * 3600.0)
+        if window < 24 * 3600.0:
+            raise SettingsError(
+                f"OUTBOX_EVENTS_RETRY_WINDOW ({window:g}s) must be at least 24h (86400): "
+                "a receiver that is down for a day must still get its events."
+            )
+        batch = _int(env, "OUTBOX_EVENTS_BATCH", 100)
+        if batch > 1000:
+            raise SettingsError(f"OUTBOX_EVENTS_BATCH ({batch}) must be at most 1000.")
+        return {
+            "events_webhook": url,
+            "events_secrets": secrets,
+            "events_allow_private": allow_private,
+            "events_retry_window_s": window,
+            "events_batch": batch,
+            "events_interval_s": _duration(env, "OUTBOX_EVENTS_INTERVAL", 5.0),
+            "events_timeout_s": _duration(env, "OUTBOX_EVENTS_TIMEOUT", 15.0),
+        }
 
     def _check_consistency(self) -> None:
         if self.retry_base_s > self.retry_max_s:

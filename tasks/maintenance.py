@@ -17,6 +17,7 @@ from tasks.delivery import (
 )
 from tasks.runtime import runtime
 from worker.contract import (
+    DELIVER_WEBHOOKS_TASK,
     NOTIFY_TASK,
     PUBLISH_EVENTS_TASK,
     STATUS_TASK,
@@ -55,7 +56,8 @@ def sweep() -> dict[str, int]:
     autoretry_for=(OperationalError,),
     retry_backoff=5,
     retry_backoff_max=600,
-    max_retries=12,
+    # Retried for the webhooks' retry window: 24 h at the 600 s cap is 144 retries.
+    max_retries=160,
     bind=True,
 )
 def notify(self: Any, incident_id: int, kind: str) -> str:
@@ -83,6 +85,12 @@ def publish_events() -> int:
     return runtime().events().publish_due()
 
 
+@app.task(name=DELIVER_WEBHOOKS_TASK, ignore_result=True)
+def deliver_webhooks() -> int:
+    """Post due status events to the webhooks (signed, batched, in order, retried)."""
+    return runtime().dispatcher().run()
+
+
 @app.task(name=STATUS_TASK, ignore_result=False)
 def status(message_ids: Any) -> list[dict[str, Any]]:
     """What became of each message: status, why, what to do, next attempt (polling)."""
@@ -93,4 +101,12 @@ def status(message_ids: Any) -> list[dict[str, Any]]:
     return runtime().statuses([m for m in wanted if m is not None])
 
 
-__all__ = ["drain", "notify", "publish_events", "status", "sweep", "wake_account"]
+__all__ = [
+    "deliver_webhooks",
+    "drain",
+    "notify",
+    "publish_events",
+    "status",
+    "sweep",
+    "wake_account",
+]

@@ -29,6 +29,7 @@ from worker.status_events import EventPublisher
 from worker.store.db import WORKER_PING_WHEN_IDLE_S, Database
 from worker.sweeper import SweepConfig, Sweeper
 from worker.wakeups import Wakeups
+from worker.webhooks import Dispatcher, Poster
 
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
@@ -60,6 +61,8 @@ class Runtime:
         self._provider: BackupProvider | None = None
         self._notifier: Notifier | None = None
         self._events: EventPublisher | None = None
+        self._dispatcher: Dispatcher | None = None
+        self._poster: Poster | None = None
 
     def wakeups(self) -> Wakeups:
         """Coalesced drain wake-ups, published by this worker's own drain task."""
@@ -129,6 +132,8 @@ class Runtime:
                 backup=self.backup_provider(),
                 backup_from=self.settings.backup_from,
                 backup_configured=self.settings.backup_provider is not None,
+                poster=self.poster(),
+                decrypt=self.box.decrypt,
             )
         return self._notifier
 
@@ -152,6 +157,32 @@ class Runtime:
 
             self._events = EventPublisher(self.db, send, default_queue=EVENTS_QUEUE)
         return self._events
+
+    def dispatcher(self) -> Dispatcher:
+        """Status events to the webhooks: signed, batched, retried (worker.webhooks)."""
+        if self._dispatcher is None:
+            s = self.settings
+            self._dispatcher = Dispatcher(
+                self.db,
+                self.poster(),
+                decrypt=self.box.decrypt,
+                global_url=s.events_webhook,
+                batch=s.events_batch,
+                window_s=s.events_retry_window_s,
+                # Longer than one POST can take; renewed before each.
+                lease_s=2 * s.events_timeout_s + 5,
+            )
+        return self._dispatcher
+
+    def poster(self) -> Poster:
+        """The one signed, SSRF-guarded POST of events and incident notices."""
+        if self._poster is None:
+            self._poster = Poster(
+                http=httpx.Client(timeout=self.settings.events_timeout_s),
+                secrets=self.settings.events_secrets,
+                allow_private=self.settings.events_allow_private,
+            )
+        return self._poster
 
     def close(self) -> None:
         self.keeper.close()

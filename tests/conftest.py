@@ -53,6 +53,7 @@ TABLES = (
     "metric_marks",
     "maintenance_runs",
     "events",
+    "webhook_destinations",
 )
 
 
@@ -157,6 +158,8 @@ def env(pg_url: str, redis_url: str, tmp_path: Path, db: Database) -> Env:
             "OUTBOX_VAR_DIR": str(tmp_path / "var"),
             "OUTBOX_SMTP_TIMEOUT": "5",
             "OUTBOX_LEASE": "30",
+            # Test receivers (incident notices, events) listen on loopback over http.
+            "OUTBOX_EVENTS_ALLOW_PRIVATE": "1",
         },
         tmp=tmp_path,
     )

@@ -17,6 +17,8 @@ STATUS_TASK = "outbox.status"
 #: Publishes due status events to the callers' `status_task`s (beat, and after drains).
 PUBLISH_EVENTS_TASK = "outbox.publish_events"
 NOTIFY_TASK = "outbox.notify"
+#: Posts due status events to the webhooks (beat, and after a drain recorded some).
+DELIVER_WEBHOOKS_TASK = "outbox.deliver_webhooks"
 WAKE_ACCOUNT_TASK = "outbox.wake_account"
 RETRY_TASK = "outbox.retry"
 CANCEL_TASK = "outbox.cancel"

@@ -36,6 +36,8 @@ class Notice:
     text: str
     webhook: str | None
     email: str | None
+    #: The account's encrypted events secret: notices are signed like its events.
+    secret_encrypted: str | None = None
 
 
 #: What a notice tells its account, as the log line says it.
@@ -116,7 +118,14 @@ def build_notice(
         )
     payload["message"] = text
     return Notice(
-        kind, account.name, payload, subject, text, account.notify_webhook, account.notify_email
+        kind,
+        account.name,
+        payload,
+        subject,
+        text,
+        account.notify_webhook,
+        account.notify_email,
+        account.events_secret_encrypted,
     )
 
 
@@ -149,8 +158,14 @@ class Notifier:
         backup_from: str | None = None,
         backup_configured: bool | None = None,
         clock: Any = None,
+        poster: Any = None,
+        decrypt: Any = None,
     ) -> None:
         from worker.clock import utcnow
+
+        #: A worker.webhooks.Poster: signed, SSRF-guarded, no redirects (None: unsigned).
+        self.poster = poster
+        self.decrypt = decrypt
 
         self.db = db
         self.http = http
@@ -193,12 +208,43 @@ class Notifier:
         )
         return "sent"
 
+    def _post_signed(self, notice: Notice, incident_id: int) -> str:
+        """The notice as a signed webhook (the events' headers and guard); a 410 is
+        an operator alert and no retry, any other failure is retried by the task."""
+        import json
+
+        assert notice.webhook and self.poster is not None
+        secrets = None
+        if notice.secret_encrypted and self.decrypt is not None:
+            secrets = [self.decrypt(notice.secret_encrypted)]
+        result = self.poster.post(
+            notice.webhook,
+            json.dumps(notice.payload, separators=(",", ":")).encode(),
+            webhook_id=f"msg_incident_{incident_id}_{notice.kind}",
+            secrets=secrets,
+        )
+        if result.gone:
+            log.error(
+                "notice webhook %s of %s answered 410 Gone: not retried; set "
+                "--notify-webhook again or remove it",
+                notice.webhook,
+                notice.account,
+                extra={"event": "webhook_disabled", "account": notice.account},
+            )
+            return "not by webhook (410 Gone)"
+        if not result.ok:
+            raise NoticeFailed(f"webhook {notice.webhook} {result.error}")
+        return "by webhook"
+
     def _deliver(self, notice: Notice, incident_id: int) -> str:
         """Send the notice every way the account has; says which ways, for the log."""
         ways = []
         if notice.webhook:
-            post_webhook(notice.webhook, notice.payload, client=self.http)
-            ways.append("by webhook")
+            if self.poster is not None:
+                ways.append(self._post_signed(notice, incident_id))
+            else:
+                post_webhook(notice.webhook, notice.payload, client=self.http)
+                ways.append("by webhook")
         if notice.email:
             if self.backup is not None and self.backup_from:
                 from worker.backup import BackupOutcome

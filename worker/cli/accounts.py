@@ -60,6 +60,13 @@ def account_group() -> None:
 @click.option("--notify-email", help="Where incident notices are emailed.")
 @click.option("--notify-webhook", help="URL that receives incident notices as JSON POSTs.")
 @click.option("--max-connections", type=int, help="Concurrent SMTP connections, all workers.")
+@click.option("--events-webhook", help="HTTPS URL for the status events; '' removes it.")
+@click.option(
+    "--events-secret-stdin",
+    is_flag=True,
+    help="Read the webhook's whsec_ secret from stdin (after the password).",
+)
+@click.option("--no-events-webhook", is_flag=True, help="Remove the events webhook.")
 @click.option(
     "--backup-verified/--no-backup-verified",
     default=None,
@@ -81,6 +88,9 @@ def account_set(
     notify_email: str | None,
     notify_webhook: str | None,
     max_connections: int | None,
+    events_webhook: str | None,
+    events_secret_stdin: bool,
+    no_events_webhook: bool,
     backup_verified: bool | None,
     as_json: bool,
 ) -> None:
@@ -91,10 +101,23 @@ def account_set(
     """
     from worker.store.accounts import AccountChanges, save_account
     from worker.store.errors import InvalidAccountSettings
+    from worker.webhook_signing import secret_problem, url_problem
 
     password = None
     if password_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
+    events_secret = None
+    if events_secret_stdin:
+        events_secret = sys.stdin.readline().strip()
+        problem = secret_problem(events_secret)
+        if problem:
+            fail(f"events_secret: {problem}", as_json=as_json)
+    if no_events_webhook:
+        events_webhook = ""
+    if events_webhook:
+        problem = url_problem(events_webhook, allow_private=ctx.settings.events_allow_private)
+        if problem:
+            fail(f"events_webhook: {events_webhook!r} {problem}", as_json=as_json)
     ca_pem = None
     if ca_file:
         with open(ca_file) as f:
@@ -127,6 +150,8 @@ def account_set(
                 default_max_connections=ctx.settings.default_max_connections,
                 now=now,
             )
+            if events_webhook is not None or events_secret is not None:
+                _set_events_webhook(session, saved.account_id, events_webhook, events_secret, ctx)
     except InvalidAccountSettings as exc:
         fail(str(exc), as_json=as_json)
     woken = saved.pending if saved.smtp_changed else 0
@@ -148,6 +173,29 @@ def account_set(
         )
 
 
+def _set_events_webhook(
+    session: Any, account_id: int, url: str | None, secret: str | None, ctx: Context
+) -> None:
+    """Point the account's events at its webhook (again: re-enables it), or remove it."""
+    from worker.store.accounts import account_by_id
+    from worker.store.errors import InvalidAccountSettings
+    from worker.store.webhooks import set_account_webhook
+
+    account = account_by_id(session, account_id)
+    assert account is not None
+    target = account.events_webhook if url is None else (url or None)
+    if target is None and secret is not None:
+        raise InvalidAccountSettings(
+            [("events_secret", "needs an events webhook (--events-webhook URL)")]
+        )
+    set_account_webhook(
+        session,
+        account_id,
+        url=target,
+        secret_encrypted=ctx.box.encrypt(secret) if secret else None,
+    )
+
+
 @account_group.command("show")
 @click.argument("name")
 @click.option("--json", "as_json", is_flag=True, help="Settings and health as JSON.")
@@ -162,10 +210,15 @@ def account_show(ctx: Context, name: str, as_json: bool) -> None:
         if account is None:
             fail(f"no account named {name!r}", as_json=as_json)
         summary = account_summary(session, account, now=utcnow())
+        summary["events_webhook"] = _events_webhook_state(session, account)
     if as_json:
         emit_json(summary)
         return
-    rows = [(k, v) for k, v in summary.items() if k not in ("messages", "incident")]
+    hook = summary["events_webhook"]
+    rows = [
+        (k, v) for k, v in summary.items() if k not in ("messages", "incident", "events_webhook")
+    ]
+    rows.append(("events webhook", _describe_hook(hook)))
     rows.append(("messages", ", ".join(f"{k} {v}" for k, v in summary["messages"].items())))
     incident = summary["incident"]
     rows.append(
@@ -178,6 +231,32 @@ def account_show(ctx: Context, name: str, as_json: bool) -> None:
         )
     )
     pairs(f"account {name}", rows)
+
+
+def _events_webhook_state(session: Any, account: Any) -> dict[str, Any] | None:
+    from worker.store.webhooks import destination_of
+
+    if not account.events_webhook:
+        return None
+    state = destination_of(session, account.id) or {}
+    return {
+        "url": account.events_webhook,
+        "secret": "set" if account.events_secret_encrypted else "not set",
+        **{k: v.isoformat() if hasattr(v, "isoformat") else v for k, v in state.items()},
+    }
+
+
+def _describe_hook(hook: dict[str, Any] | None) -> str:
+    if hook is None:
+        return "none (the global OUTBOX_EVENTS_WEBHOOK, if set)"
+    text = f"{hook['url']} (secret: {hook['secret']})"
+    if hook.get("disabled_at"):
+        text += f"; DISABLED since {hook['disabled_at']}: {hook['disabled_reason']}"
+    elif hook.get("failing_since"):
+        text += f"; failing since {hook['failing_since']}, next try {hook['next_try_at']}"
+    if hook.get("last_error"):
+        text += f"; last error: {hook['last_error']}"
+    return text
 
 
 @account_group.command("list")

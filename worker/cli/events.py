@@ -94,23 +94,63 @@ def events(
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead.")
 @pass_ctx
 def redeliver(ctx: Context, message_id: int, as_json: bool) -> None:
-    """Publish a message's events to its status task again.
+    """Send a message's events again (status task, webhook).
 
     The same events, with the same ids, in the same order."""
     from worker.store.events import redeliver as mark_again
+    from worker.store.webhooks import redeliver as post_again
 
     with ctx.db.session() as session:
         count = mark_again(session, message_id=message_id)
-    if count == 0:
-        fail(f"message {message_id} has no events for a status task", as_json=as_json)
+        hooked = post_again(session, message_id=message_id)
+    if count == 0 and hooked == 0:
+        fail(
+            f"message {message_id} has no events for a status task or a webhook",
+            as_json=as_json,
+        )
     if as_json:
-        emit_json({"message_id": message_id, "events": count})
-    else:
+        emit_json({"message_id": message_id, "events": count, "webhook_events": hooked})
+        return
+    if count:
         console.print(
             f"{count} event(s) of message {message_id} will be published again "
             "(by the next `outbox.publish_events`, within OUTBOX_SWEEP_INTERVAL).",
             highlight=False,
         )
+    if hooked:
+        console.print(
+            f"{hooked} event(s) of message {message_id} will be posted to its webhook "
+            "again (by the next `outbox.deliver_webhooks`, within OUTBOX_EVENTS_INTERVAL).",
+            highlight=False,
+        )
+
+
+@events.command("webhooks")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead.")
+@pass_ctx
+def webhooks(ctx: Context, as_json: bool) -> None:
+    """Webhook destinations: state, last error, events behind."""
+    from worker.store.webhooks import destinations
+
+    with ctx.db.session() as session:
+        rows = destinations(session)
+    if as_json:
+        emit_json(rows)
+        return
+    for r in rows:
+        state = (
+            f"DISABLED ({r['disabled_reason']})"
+            if r["disabled_at"]
+            else f"failing since {r['failing_since']:%m-%d %H:%M}, next {r['next_try_at']:%H:%M:%S}"
+            if r["failing_since"]
+            else "ok"
+        )
+        console.print(f"{r['destination']}  {r['url']}", highlight=False, soft_wrap=False)
+        console.print(
+            f"  {state}; {r['behind']} behind, {r['delivered']} delivered", highlight=False
+        )
+        if r["last_error"]:
+            console.print(f"  last error: {r['last_error'][:66]}", highlight=False)
 
 
 COMMANDS = [events]

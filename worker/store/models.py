@@ -128,6 +128,10 @@ class Account(Base):
     notify_email: Mapped[str | None] = mapped_column(String(320))
     notify_webhook: Mapped[str | None] = mapped_column(String(2048))
     max_connections: Mapped[int] = mapped_column(Integer, default=2)
+    #: The account's own status-events webhook (else the global OUTBOX_EVENTS_WEBHOOK).
+    events_webhook: Mapped[str | None] = mapped_column(String(2048))
+    #: Its `whsec_` secret, a Fernet token like the SMTP password; never the plaintext.
+    events_secret_encrypted: Mapped[str | None] = mapped_column(Text)
     #: The account's From is verified at the backup provider, so fallback mail keeps it.
     backup_verified: Mapped[bool] = mapped_column(Boolean, default=False)
     #: Bumped whenever SMTP settings change: cached connections of older versions close.
@@ -300,6 +304,14 @@ class Event(Base):
             sqlite_where=text("publish_due AND published_at IS NULL"),
         ),
         Index("ix_events_account_at", "account_id", "at"),
+        # What a webhook still has to get, per account in order (worker.store.webhooks).
+        Index(
+            "ix_events_to_hook",
+            "account_id",
+            "id",
+            postgresql_where=text("hooked_at IS NULL"),
+            sqlite_where=text("hooked_at IS NULL"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
@@ -316,6 +328,35 @@ class Event(Base):
     #: The message has a `status_task`: this event is to be published to it.
     publish_due: Mapped[bool] = mapped_column(Boolean, default=False)
     published_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: When a webhook answered 2xx to the POST that carried this event.
+    hooked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class WebhookDestination(Base):
+    """Where status events are posted and how that is going: one row per account with
+    its own webhook, one (`account_id` NULL, key "global") for OUTBOX_EVENTS_WEBHOOK."""
+
+    __tablename__ = "webhook_destinations"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    #: "account:<id>" or "global".
+    key: Mapped[str] = mapped_column(String(64), unique=True)
+    account_id: Mapped[int | None] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
+    url: Mapped[str] = mapped_column(String(2048))
+    #: Events before this row id predate the destination: they are not posted.
+    start_event_id: Mapped[int] = mapped_column(BigId, default=0)
+    #: A dispatcher holds the destination until then (one at a time; a dead one's ends).
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: The first failed POST of the current run of failures.
+    failing_since: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    next_try_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: Set on 410 Gone or when the retry window ran out; cleared by setting the URL again.
+    disabled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    disabled_reason: Mapped[str | None] = mapped_column(String(200))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    last_success_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    delivered: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
 class Attempt(Base):
