@@ -259,14 +259,10 @@ class DeliveryEngine:
         token = uuid.uuid4().hex
         holder = f"{self.holder}:{token[:8]}"
         ends_at = self.monotonic() + self.config.batch_seconds
-        first: list[Claimed] | None = None
         with self.db.session() as session:
             start = drains.begin_drain(
                 session, account_id, holder=holder, now=now, hold_s=self.config.lease_s
             )
-            if start is not None and start.slot is not None and self._sends_at_once(start, now):
-                # The usual case, in the same transaction: one commit fewer a drain.
-                first = self._claim(session, start.account, token, now=now, ends_at=ends_at)
         if start is None:
             return DrainOutcome(account_id, skipped="no such account")
         if start.slot is None:
@@ -280,7 +276,7 @@ class DeliveryEngine:
             until=now + timedelta(seconds=self.config.lease_s),
         )
         try:
-            self._send_batches(account, lease, outcome, ends_at=ends_at, first=first)
+            self._send_batches(account, lease, outcome, ends_at=ends_at)
         finally:
             self.keeper.release(lease)
             self.pool.close(smtp_key(account))
@@ -293,11 +289,6 @@ class DeliveryEngine:
         with self.db.session() as session:
             account_id = drains.account_of_message(session, message_id)
         return None if account_id is None else self.drain(account_id)
-
-    @staticmethod
-    def _sends_at_once(start: drains.DrainStart, now: datetime) -> bool:
-        """May the drain claim its first batch as it starts: no pause, no incident?"""
-        return not start.account.throttled(now) and start.account.incident_id is None
 
     def _claim(
         self,
@@ -333,9 +324,8 @@ class DeliveryEngine:
         out: DrainOutcome,
         *,
         ends_at: float,
-        first: list[Claimed] | None,
     ) -> None:
-        """Send batch after batch; `first`: the batch claimed as the drain began."""
+        """Send batch after batch until the drain's count or time is up."""
         now = self.clock()
         state = _AccountState(account.throttle_level, account.incident_id)
         if account.throttled(now):
@@ -360,22 +350,19 @@ class DeliveryEngine:
         left = self.config.batch_size
         while left > 0 and not state.stop and self.monotonic() < ends_at:
             now = self.clock()
-            if first is not None:
-                batch, first = first, None
-            else:
-                with self.db.session() as session:
-                    batch = self._claim(
-                        session,
-                        account,
-                        lease.token,
-                        now=now,
-                        ends_at=ends_at,
-                        left=left,
-                        probing=state.probing,
-                        # The incident's probe is the message that failed last: its
-                        # backoff paces the tests of the broken server.
-                        probe=account.probe_message_id if state.probing else None,
-                    )
+            with self.db.session() as session:
+                batch = self._claim(
+                    session,
+                    account,
+                    lease.token,
+                    now=now,
+                    ends_at=ends_at,
+                    left=left,
+                    probing=state.probing,
+                    # The incident's probe is the message that failed last: its backoff
+                    # paces the tests of the broken server.
+                    probe=account.probe_message_id if state.probing else None,
+                )
             if not batch:
                 return
             lease.claimed(batch[0].lease_until, [m.id for m in batch])
