@@ -1,8 +1,10 @@
 """Waking an account's drain: at most one wake-up in the broker per account, not one per email.
 
-Whoever makes an account's mail due (intake, an operator's retry, a settings change)
-calls `Wakeups.mail_due` after committing; the account's flags (store.drains) say whether
-a wake-up is already on its way, and only if none is, one is published. Publishing is
+Whoever makes an account's mail due calls `Wakeups.mail_due` after committing (an
+operator's retry, a settings change), or `requested` inside the transaction that stores
+the mail and `publish` after it (intake: one commit for both). The account's flags and
+slots (store.drains) say whether a drain is already on its way or running; only if none
+is, a wake-up is published. Publishing is
 passed in (`Publish`): inside a worker it is the drain task itself, elsewhere a producer
 that sends `outbox.drain` by name, with none of the worker's code. A publish that fails
 is logged and left to the sweeper: the mail is already safe in the database.

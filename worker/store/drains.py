@@ -10,7 +10,8 @@ email, coalesced through two columns of `accounts`:
 * `drain_queued_at`: a drain will start soon. Set when a wake-up is published (by intake,
   by a drain that yields, by the sweeper), or by a drain that found every slot busy: the
   drains holding them look at the queue again when they end. Taken (cleared) by the drain
-  that takes a slot. Intake publishes only when it is empty or older than the wake grace.
+  that takes a slot. Intake publishes only when it is empty or older than the wake grace,
+  and no drain holds a slot (a running drain looks at the queue when it ends).
 * `drain_timer_at`: a countdown wake-up is scheduled for that time (the earliest retry or
   scheduled send within `OUTBOX_COUNTDOWN_MAX`); a second one for the same time is not
   published.
