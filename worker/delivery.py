@@ -258,7 +258,6 @@ class DeliveryEngine:
         now = self.clock()
         token = uuid.uuid4().hex
         holder = f"{self.holder}:{token[:8]}"
-        ends_at = self.monotonic() + self.config.batch_seconds
         with self.db.session() as session:
             start = drains.begin_drain(
                 session, account_id, holder=holder, now=now, hold_s=self.config.lease_s
@@ -276,7 +275,7 @@ class DeliveryEngine:
             until=now + timedelta(seconds=self.config.lease_s),
         )
         try:
-            self._send_batches(account, lease, outcome, ends_at=ends_at)
+            self._send_batches(account, lease, outcome)
         finally:
             self.keeper.release(lease)
             self.pool.close(smtp_key(account))
@@ -290,42 +289,7 @@ class DeliveryEngine:
             account_id = drains.account_of_message(session, message_id)
         return None if account_id is None else self.drain(account_id)
 
-    def _claim(
-        self,
-        session: Session,
-        account: drains.DrainAccount,
-        token: str,
-        *,
-        now: datetime,
-        ends_at: float,
-        left: int | None = None,
-        probing: bool = False,
-        probe: int | None = None,
-    ) -> list[Claimed]:
-        """Lease the account's next batch: as many as fit in the drain's time (one for
-        an incident's probe, `probe` first)."""
-        return drains.claim_batch(
-            session,
-            account.id,
-            token=token,
-            limit=1
-            if probing
-            else self._claim_size(account.id, left or self.config.batch_size, ends_at),
-            now=now,
-            lease_until=now + timedelta(seconds=self.config.lease_s),
-            early_tolerance_s=self.config.early_tolerance_s,
-            first=probe,
-        )
-
-    def _send_batches(
-        self,
-        account: drains.DrainAccount,
-        lease: Lease,
-        out: DrainOutcome,
-        *,
-        ends_at: float,
-    ) -> None:
-        """Send batch after batch until the drain's count or time is up."""
+    def _send_batches(self, account: drains.DrainAccount, lease: Lease, out: DrainOutcome) -> None:
         now = self.clock()
         state = _AccountState(account.throttle_level, account.incident_id)
         if account.throttled(now):
@@ -347,21 +311,24 @@ class DeliveryEngine:
             self._unreadable_password(account, exc, out)
             return
 
+        started = self.monotonic()
+        ends_at = started + self.config.batch_seconds
         left = self.config.batch_size
         while left > 0 and not state.stop and self.monotonic() < ends_at:
             now = self.clock()
+            limit = 1 if state.probing else self._claim_size(account.id, left, ends_at)
             with self.db.session() as session:
-                batch = self._claim(
+                batch = drains.claim_batch(
                     session,
-                    account,
-                    lease.token,
+                    account.id,
+                    token=lease.token,
+                    limit=limit,
                     now=now,
-                    ends_at=ends_at,
-                    left=left,
-                    probing=state.probing,
+                    lease_until=now + timedelta(seconds=self.config.lease_s),
+                    early_tolerance_s=self.config.early_tolerance_s,
                     # The incident's probe is the message that failed last: its backoff
                     # paces the tests of the broken server.
-                    probe=account.probe_message_id if state.probing else None,
+                    first=account.probe_message_id if state.probing else None,
                 )
             if not batch:
                 return

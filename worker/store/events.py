@@ -169,6 +169,19 @@ def mark_published(session: Session, row_ids: list[int], *, now: datetime) -> No
         )
 
 
+#: Event rows with what `event_dict` needs besides them: the account's name and the
+#: caller's metadata (kept on the message, not copied into every event).
+WITH_ACCOUNT_AND_METADATA = (
+    select(
+        _EVENTS,
+        Account.name.label("account"),
+        MessageRow.caller_metadata.label("caller_metadata"),
+    )
+    .join(MessageRow, MessageRow.id == _EVENTS.c.message_id)
+    .join(Account, Account.id == _EVENTS.c.account_id)
+)
+
+
 def list_events(
     session: Session,
     *,
@@ -178,15 +191,7 @@ def list_events(
     limit: int = 100,
 ) -> list[dict[str, Any]]:
     """Events for people, oldest first (with `published_at` for the status task)."""
-    query = (
-        select(
-            _EVENTS,
-            Account.name.label("account"),
-            MessageRow.caller_metadata.label("caller_metadata"),
-        )
-        .join(MessageRow, MessageRow.id == _EVENTS.c.message_id)
-        .join(Account, Account.id == _EVENTS.c.account_id)
-    )
+    query = WITH_ACCOUNT_AND_METADATA
     if message_id is not None:
         query = query.where(_EVENTS.c.message_id == message_id)
     if account is not None:

@@ -19,9 +19,8 @@ from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from worker.store.db import changed_rows
-from worker.store.events import event_dict
+from worker.store.events import WITH_ACCOUNT_AND_METADATA, event_dict
 from worker.store.models import Account, Event, WebhookDestination, table
-from worker.store.models import Message as MessageRow
 
 _EVENTS = table(Event)
 GLOBAL_KEY = "global"
@@ -159,15 +158,8 @@ def claim_next(
 
 
 def _due_query(dest: Claimed) -> Any:
-    query = (
-        select(
-            _EVENTS,
-            Account.name.label("account"),
-            MessageRow.caller_metadata.label("caller_metadata"),
-        )
-        .join(MessageRow, MessageRow.id == _EVENTS.c.message_id)
-        .join(Account, Account.id == _EVENTS.c.account_id)
-        .where(_EVENTS.c.hooked_at.is_(None), _EVENTS.c.id >= dest.start_event_id)
+    query = WITH_ACCOUNT_AND_METADATA.where(
+        _EVENTS.c.hooked_at.is_(None), _EVENTS.c.id >= dest.start_event_id
     )
     if dest.account_id is not None:
         return query.where(_EVENTS.c.account_id == dest.account_id)
