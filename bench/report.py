@@ -22,6 +22,10 @@ TARGETS = {
     # SMTP cost per message with reuse <= 1.5x raw smtplib, >= 10 messages a connection
     "smtp_vs_raw": 1.5,
     "msgs_per_connection": 10,
+    # signed webhooks on: the Python door's bulk rate >= this share of the same door off
+    "events_on_vs_off": 0.90,
+    # a steady sender's events: p99 from the change to the receiver's 200
+    "events_delay_p99_s": 2.0,
     # worker RSS with 100k deferred <= idle + 50 MB
     "memory_mb": 50.0,
     # one sweep batch of each query at 1M < 50 ms, and within 2x of its time at 10k
@@ -93,6 +97,8 @@ def verdicts(r: dict[str, Any]) -> list[dict[str, Any]]:
                 pool <= TARGETS["smtp_vs_raw"] * raw and reuse >= TARGETS["msgs_per_connection"],
             )
         )
+    if "events" in r:
+        out += _events_checks(r["events"])
     if "memory" in r:
         mem = r["memory"]
         for key, label, snap_key in (
@@ -213,6 +219,8 @@ def table(r: dict[str, Any]) -> str:
         rows.append(("  machine during the burst", machine(b.get("machine"))))
     if "e2e_setup" in r:
         rows += _e2e_rows(r, noop)
+    if "events" in r:
+        rows += _events_rows(r["events"])
     if "memory" in r:
         rows += _memory_rows(r["memory"])
     for row in r.get("sweep", []):
@@ -321,6 +329,54 @@ def _e2e_rows(r: dict[str, Any], noop: float | None) -> list[tuple[str, str]]:
                 f"median {e['attempt_median_ms']:.2f} ms, p90 {e['attempt_p90_ms']:.2f} ms",
             )
         )
+    return rows
+
+
+def _events_checks(ev: dict[str, Any]) -> list[dict[str, Any]]:
+    share, p99 = TARGETS["events_on_vs_off"], TARGETS["events_delay_p99_s"]
+    paced = ev["paced"]["delay"]
+    return [
+        _check(
+            f"events: Python enqueue_many with a webhook >= {share:.0%} of its rate without",
+            f"{ev['on_msgs_per_s']:,.0f} vs {ev['off_msgs_per_s']:,.0f} mail/s = "
+            f"{ev['on_vs_off']:.0%}",
+            ev["on_vs_off"] >= share,
+        ),
+        _check(
+            f"events: a steady sender's p99 change -> webhook's 200 <= {p99:g} s",
+            f"{paced['p99_s']:.2f} s (p50 {paced['p50_s']:.2f}, {paced['n']} events)",
+            paced["p99_s"] <= p99 and ev["unverified_posts"] == 0,
+        ),
+    ]
+
+
+def _events_rows(ev: dict[str, Any]) -> list[tuple[str, str]]:
+    rows = []
+    for run in ev["runs"]:
+        on = run["webhook"]
+        rows.append(
+            (
+                f"Events: enqueue_many, webhook {'on' if on else 'off'}",
+                f"{run['msgs_per_s']:,.0f} mail/s ({run['messages']:,} in {run['seconds']:.1f} s;"
+                f" {run['events']:,} events"
+                + (
+                    f", all at the webhook after {run['all_events_posted_after_s']:.1f} s)"
+                    if on
+                    else ")"
+                )
+                + f"; {run['tasks_per_message']:.3f} Celery msgs/mail; "
+                f"CPU {run['cpu_ms_per_message']['total']:.1f} ms/mail",
+            )
+        )
+    rows.append(("  on vs off (means)", f"{ev['on_vs_off']:.0%}"))
+    rows.append(("  delay change -> 200, bulk runs", _lat(ev["bulk_delay"])))
+    paced = ev["paced"]
+    rows.append(
+        (
+            f"  delay, one mail by name every {paced['every_s']:g} s",
+            f"{_lat(paced['delay'])} ({paced['mails']} mails)",
+        )
+    )
     return rows
 
 

@@ -36,6 +36,7 @@ from typing import Any
 import redis
 from sqlalchemy import text
 
+from bench.events import events_phase
 from bench.harness import (
     LOADAVG,
     LOG_DIR,
@@ -283,12 +284,14 @@ class Bench:
     def e2e_request(self, i: int) -> dict[str, Any]:
         return request(f"e{i % E2E_ACCOUNTS}", f"user{i}@example.com")
 
-    def start_worker(self, name: str) -> subprocess.Popen[bytes]:
+    def start_worker(
+        self, name: str, *, extra_env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         """`outbox worker` with its defaults but the concurrency (`--concurrency`, by
-        default Outbox's own) and the log level; no beat."""
+        default Outbox's own), the log level and ``extra_env``; no beat."""
         argv = [PY, "-m", "worker.cli", "worker", "-c", str(self.args.concurrency)]
         argv += ["--loglevel", "WARNING"]
-        self.worker = self.procs.start(name, argv, self.env)
+        self.worker = self.procs.start(name, argv, {**self.env, **(extra_env or {})})
         self.wait_consuming(self.worker, "", 0)
         return self.worker
 
@@ -1040,7 +1043,7 @@ class Bench:
 
     #: The no-op ceiling runs right before the doors it is compared with: the machine is
     #: shared, and its load drifts over a run.
-    PHASES = ("smtp", "fairness", "burst", "noop", "e2e", "memory", "sweep")
+    PHASES = ("smtp", "fairness", "burst", "noop", "e2e", "events", "memory", "sweep")
 
     def run(self) -> None:
         self.setup()
@@ -1050,6 +1053,7 @@ class Bench:
             "fairness": self.fairness,
             "burst": self.burst,
             "e2e": self.e2e,
+            "events": lambda: events_phase(self),
             "memory": self.memory,
             "sweep": self.sweep,
         }

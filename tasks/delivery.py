@@ -16,8 +16,15 @@ from sqlalchemy.exc import OperationalError
 from config.celery import BACKUP_QUEUE, MAINTENANCE_QUEUE, RETRY_QUEUE, SEND_QUEUE, app
 from tasks.runtime import runtime
 from worker.backup.engine import BackupStep
-from worker.contract import BACKUP_TASK, DRAIN_TASK, NOTIFY_TASK, SEND_TASK
+from worker.contract import (
+    BACKUP_TASK,
+    DELIVER_WEBHOOKS_TASK,
+    DRAIN_TASK,
+    NOTIFY_TASK,
+    SEND_TASK,
+)
 from worker.delivery import Action, DrainOutcome, NoticeDue
+from worker.kicks import Coalescer
 
 log = logging.getLogger("outbox.tasks")
 
@@ -94,6 +101,28 @@ def publish_events_now() -> None:
         log.exception("could not publish status events; the next run will")
 
 
+#: A process asks for at most one webhook run this often (worker.kicks): a receiver hears
+#: of a drain's mail within about this long, for one Celery message a second at most.
+WEBHOOK_KICK_INTERVAL_S = 0.5
+_webhook_kicks = Coalescer(WEBHOOK_KICK_INTERVAL_S)
+
+
+def kick_webhooks(outcome: DrainOutcome) -> None:
+    """Ask for a webhook run after a drain that recorded mail whose events a webhook
+    takes (the account's own, or the global one). Losing the kick costs latency only:
+    beat's `outbox.deliver_webhooks` runs every OUTBOX_EVENTS_INTERVAL."""
+    if not outcome.attempts or not (outcome.webhook or runtime().settings.events_webhook):
+        return
+    countdown = _webhook_kicks.countdown()
+    if countdown is None:
+        return
+    try:
+        app.send_task(DELIVER_WEBHOOKS_TASK, queue=MAINTENANCE_QUEUE, countdown=countdown or None)
+    except Exception:
+        _webhook_kicks.forget()
+        log.exception("could not ask for a webhook run; beat's will post the events")
+
+
 def publish_drain_follow_up(outcome: DrainOutcome) -> None:
     """Publish what a drain decided. If publishing fails, the sweeper makes up for it."""
     try:
@@ -113,6 +142,7 @@ def publish_drain_follow_up(outcome: DrainOutcome) -> None:
         )
     if outcome.events_due:  # only mail with a status_task has events to publish by name
         publish_events_now()
+    kick_webhooks(outcome)
 
 
 def publish_backup_follow_up(step: BackupStep) -> None:

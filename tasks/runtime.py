@@ -29,7 +29,8 @@ from worker.status_events import EventPublisher
 from worker.store.db import WORKER_PING_WHEN_IDLE_S, Database
 from worker.sweeper import SweepConfig, Sweeper
 from worker.wakeups import Wakeups
-from worker.webhooks import Dispatcher, Poster
+from worker.webhook_transport import guarded_client
+from worker.webhooks import Dispatcher, Poster, forbidden_address, resolve
 
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
@@ -177,8 +178,13 @@ class Runtime:
     def poster(self) -> Poster:
         """The one signed, SSRF-guarded POST of events and incident notices."""
         if self._poster is None:
+            timeout = self.settings.events_timeout_s
             self._poster = Poster(
-                http=httpx.Client(timeout=self.settings.events_timeout_s),
+                # Without the allowance, every connection goes to an address checked as
+                # it is made (worker.webhook_transport: no DNS rebinding after the guard).
+                http=httpx.Client(timeout=timeout)
+                if self.settings.events_allow_private
+                else guarded_client(timeout=timeout, resolver=resolve, check=forbidden_address),
                 secrets=self.settings.events_secrets,
                 allow_private=self.settings.events_allow_private,
             )

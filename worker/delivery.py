@@ -109,6 +109,8 @@ class DrainOutcome:
     notices: list[NoticeDue] = field(default_factory=list)
     #: A message with a `status_task` was recorded: its events are to be published.
     events_due: bool = False
+    #: The account has its own events webhook: what the drain recorded is to be posted.
+    webhook: bool = False
 
     @property
     def attempts(self) -> int:
@@ -266,8 +268,8 @@ class DeliveryEngine:
             return DrainOutcome(account_id, skipped="no such account")
         if start.slot is None:
             return DrainOutcome(account_id, skipped="every connection slot is busy")
-        outcome = DrainOutcome(account_id)
         account = start.account
+        outcome = DrainOutcome(account_id, webhook=account.events_webhook is not None)
         lease = self.keeper.hold(
             token=token,
             account_id=account_id,

@@ -64,6 +64,8 @@ class DrainAccount:
     max_connections: int
     throttle_until: datetime | None
     throttle_level: int
+    #: The account's own status-events webhook (None: none, or the global one).
+    events_webhook: str | None
     #: The account's open incident, if any; until when its current probe (or the wait
     #: for the next one) runs; the message that tests the server next.
     incident_id: int | None
@@ -83,6 +85,7 @@ class DrainAccount:
         "max_connections",
         "throttle_until",
         "throttle_level",
+        "events_webhook",
     )
 
     def throttled(self, now: datetime) -> bool:
