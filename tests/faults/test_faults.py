@@ -33,6 +33,7 @@ from standins.provider import ProviderStub
 from standins.services import outbox_worker, wait_until
 from standins.smtp import ScriptedSMTPServer
 from tests.support.bulk import enqueue_many, wait_until_finished
+from tests.support.event_tally import EVENTS_SECRET, tally_webhook, webhook_settings
 from tests.support.faults import (
     BackendKiller,
     backends_waiting_on_lock,
@@ -45,6 +46,7 @@ from tests.support.faults import (
     row_lock,
 )
 from tests.support.outbox import attempts, wait_for_status
+from tests.support.signed_webhook import SignedReceiver
 from tests.support.tally import Verdict, judge, load_facts
 from worker.clock import utcnow
 from worker.contract import QUEUES, RETRY_QUEUE, SEND_QUEUE
@@ -231,7 +233,8 @@ def test_kill9_of_a_draining_child_frees_its_batch_within_the_lease(
 def test_kill9_of_the_whole_worker_mid_load_then_restart(fenv, db, box, start_worker, reliability):
     started = time.monotonic()
     concurrency = 2
-    with ScriptedSMTPServer(tls="none") as server:
+    with ScriptedSMTPServer(tls="none") as server, SignedReceiver(EVENTS_SECRET) as hooks:
+        fenv.values.update(webhook_settings(hooks.url))
         server.script.hang_after_data_s = 0.01
         make_account(db, box, "acme", port=server.port, tls_mode="none", max_connections=4)
         worker = start_worker(concurrency=concurrency, beat=True, name="doomed-1")
@@ -248,7 +251,9 @@ def test_kill9_of_the_whole_worker_mid_load_then_restart(fenv, db, box, start_wo
             worker = start_worker(concurrency=concurrency, beat=True, name=f"doomed-{n}")
         wait_until_finished(db, expected=len(ids), timeout=120)
         verdict = judge(db, servers=[server], ids=ids)
+        events = tally_webhook(db, hooks, timeout=60)
     print(f"\nkill -9 of the whole worker x{kills}: {verdict.summary()}")
+    print(f"webhook: {events.summary()}")
     _record(
         reliability,
         "kill -9 of the whole worker, mid-load, restart",
@@ -256,7 +261,10 @@ def test_kill9_of_the_whole_worker_mid_load_then_restart(fenv, db, box, start_wo
         faults=f"{kills} x SIGKILL to the worker's process group (c={concurrency}) + restart",
         started=started,
         note=WINDOW_NOTE,
+        events_lost=len(events.lost),
+        event_duplicates=events.duplicates,
     )
+    assert events.ok, events.summary()
     assert verdict.statuses == {"sent": len(ids)}
     assert not verdict.lost and not verdict.strangers
     assert not verdict.unexplained, verdict.unexplained
@@ -372,7 +380,8 @@ def test_broker_flushed_with_1000_due_mails_across_20_accounts(
     in the database and wakes the accounts, one drain wake-up each."""
     broker = fenv.values["OUTBOX_BROKER_URL"]
     started = time.monotonic()
-    with ScriptedSMTPServer(tls="none") as server:
+    with ScriptedSMTPServer(tls="none") as server, SignedReceiver(EVENTS_SECRET) as hooks:
+        fenv.values.update(webhook_settings(hooks.url))
         for n in range(20):
             make_account(db, box, f"t{n:02d}", port=server.port, tls_mode="none")
         client = fenv.client(db)
@@ -384,11 +393,12 @@ def test_broker_flushed_with_1000_due_mails_across_20_accounts(
         worker = start_worker(concurrency=2, beat=True)
         took = wait_until_finished(db, expected=len(ids), timeout=180)
         verdict = judge(db, servers=[server], ids=ids)
+        events = tally_webhook(db, hooks, timeout=60)
     woken = sum(int(n) for n in re.findall(r"sweep \{'accounts_woken': (\d+)", worker.log()))
     print(
         f"\nbroker flushed with {len(ids)} due mails of 20 accounts ({queued} wake-ups lost): "
         f"all out {took:.1f}s after the worker started; the sweeper woke {woken} accounts: "
-        f"{verdict.summary()}"
+        f"{verdict.summary()}; webhook: {events.summary()}"
     )
     _record(
         reliability,
@@ -396,7 +406,10 @@ def test_broker_flushed_with_1000_due_mails_across_20_accounts(
         verdict,
         faults=f"{queued} drain wake-ups flushed; the sweeper woke {woken} accounts",
         started=started,
+        events_lost=len(events.lost),
+        event_duplicates=events.duplicates,
     )
+    assert events.ok, events.summary()
     assert queued == 20  # coalesced: one wake-up per account, not one per mail
     assert verdict.statuses == {"sent": len(ids)}
     assert not verdict.lost and verdict.duplicates == 0, verdict.duplicated

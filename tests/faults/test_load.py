@@ -19,7 +19,6 @@ signature; the test counts the events it got against the events table, as it cou
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import os
 import socket
@@ -36,9 +35,9 @@ from sqlalchemy import text
 
 from standins.accounts import make_account
 from standins.provider import ProviderStub
-from standins.services import wait_until
 from standins.smtp import ScriptedSMTPServer
 from tests.support.bulk import count_by_status, wait_until_finished
+from tests.support.event_tally import EVENTS_SECRET, tally_webhook, webhook_settings
 from tests.support.faults import RssSampler
 from tests.support.signed_webhook import SignedReceiver
 from tests.support.tally import judge, load_facts
@@ -78,7 +77,6 @@ SETTINGS = {
     "OUTBOX_BACKUP_TIMEOUT": "5",
     "OUTBOX_BACKUP_RETRY_WINDOW": "120",
 }
-EVENTS_SECRET = "whsec_" + base64.b64encode(b"load-events-secret-0123456").decode()
 #: The worker group's memory may not grow by more than this with the backlog.
 RSS_GROWTH_LIMIT_MB = 150
 
@@ -193,9 +191,7 @@ def test_load_mixed_behaviour_across_50_accounts(env, db, box, start_worker, rel
     ):
         env.values.update(
             {
-                "OUTBOX_EVENTS_WEBHOOK": hooks.url,
-                "OUTBOX_EVENTS_SECRET": EVENTS_SECRET,
-                "OUTBOX_EVENTS_ALLOW_PRIVATE": "1",
+                **webhook_settings(hooks.url),
                 "OUTBOX_BACKUP_PROVIDER": "sendgrid",
                 "OUTBOX_BACKUP_API_KEY": stub.api_key,
                 "OUTBOX_BACKUP_API_URL": stub.base_url,
@@ -240,18 +236,9 @@ def test_load_mixed_behaviour_across_50_accounts(env, db, box, start_worker, rel
         finally:
             monitor.stop()
         duration_s = time.monotonic() - started
-        with db.session() as session:
-            written = dict(session.execute(text("SELECT event_id, message_id FROM events")).all())
         # The last drains' events are posted right after them; beat's run is the backstop.
-        wait_until(
-            lambda: len({e["id"] for e in hooks.accepted_events()}) >= len(written),
-            timeout=180,
-            interval=1.0,
-            message=f"the webhook to get all {len(written):,} events",
-        )
+        events = tally_webhook(db, hooks, timeout=180)
         events_s = time.monotonic() - started
-        received = hooks.accepted_events()
-        unverified = sum(1 for p in hooks.posts if not p["verified"])
         servers = [p.server for p in plans if p.server is not None]
         verdict = judge(db, servers=servers, stubs=[stub])
         facts = load_facts(db)
@@ -289,10 +276,10 @@ def test_load_mixed_behaviour_across_50_accounts(env, db, box, start_worker, rel
         "max_connections_seen": max(caps.values()),
         "backup_requests": backup_requests,
         "task_results": dict(results),
-        "events_written": len(written),
-        "events_received": len(received),
+        "events_written": events.written,
+        "events_received": events.received,
+        "events_lost": len(events.lost),
         "events_all_in_s": round(events_s, 1),
-        "webhook_posts": len(hooks.posts),
     }
     print("\nprogress (s, statuses):")
     for at, counts in monitor.progress[::5]:
@@ -362,25 +349,8 @@ def test_load_mixed_behaviour_across_50_accounts(env, db, box, start_worker, rel
     print(f"  events: {len(rows):,} for {len(events_of):,} messages, in order, none missing")
 
     # -- and the webhook got every one of them: none lost, a duplicate only as itself ----------
-    assert unverified == 0, f"{unverified} webhook posts failed the receiver's signature check"
-    first_seen: dict[str, dict] = {}
-    for event in received:
-        if event["id"] in first_seen:
-            assert event == first_seen[event["id"]], ("a duplicate that differs", event)
-        first_seen.setdefault(event["id"], event)
-    lost_events, strange_events = set(written) - set(first_seen), set(first_seen) - set(written)
-    assert not lost_events and not strange_events, (len(lost_events), len(strange_events))
-    seqs_of: dict[int, list[int]] = {}
-    for event in first_seen.values():  # insertion order: the order they first arrived in
-        assert event["message_id"] == written[event["id"]]
-        seqs_of.setdefault(event["message_id"], []).append(event["seq"])
-    out_of_order = {mid: seqs for mid, seqs in seqs_of.items() if seqs != sorted(seqs)}
-    assert not out_of_order, f"events out of order per message: {list(out_of_order.items())[:3]}"
-    duplicates = len(received) - len(first_seen)
-    print(
-        f"  webhook: {len(first_seen):,} events in {len(hooks.posts):,} signed posts, "
-        f"{duplicates} duplicates (same id, same body), all in {events_s:.1f} s"
-    )
+    print(f"  webhook: {events.summary()}, all in {events_s:.1f} s")
+    assert events.ok, events.summary()
 
     # -- connection caps and memory -----------------------------------------------------------
     over = {name: n for name, n in caps.items() if n > CAP}
