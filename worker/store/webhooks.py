@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy import bindparam, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from worker.store.db import changed_rows
@@ -174,15 +174,18 @@ def due_events(session: Session, dest: Claimed, *, limit: int) -> list[DueEvent]
     ]
 
 
+#: Built once: the ids are bound at execution ("expanding"), not coerced one by one.
+_MARK_HOOKED = (
+    update(_EVENTS)
+    .where(_EVENTS.c.id.in_(bindparam("p_ids", expanding=True)))
+    .values(hooked_at=bindparam("p_now", type_=_EVENTS.c.hooked_at.type))
+)
+
+
 def delivered(session: Session, dest_id: int, row_ids: list[int], *, now: datetime) -> None:
     """The receiver answered 2xx: the events are done, the failures forgotten."""
     if row_ids:
-        session.execute(
-            update(Event)
-            .where(Event.id.in_(row_ids))
-            .values(hooked_at=now)
-            .execution_options(synchronize_session=False)
-        )
+        session.connection().execute(_MARK_HOOKED, {"p_ids": row_ids, "p_now": now})
     session.execute(
         update(WebhookDestination)
         .where(WebhookDestination.id == dest_id)
