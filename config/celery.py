@@ -66,6 +66,7 @@ app.conf.update(
         SWEEP_TASK: {"queue": MAINTENANCE_QUEUE},
         STATUS_TASK: {"queue": MAINTENANCE_QUEUE},
         PUBLISH_EVENTS_TASK: {"queue": MAINTENANCE_QUEUE},
+        DELIVER_WEBHOOKS_TASK: {"queue": MAINTENANCE_QUEUE},
         NOTIFY_TASK: {"queue": MAINTENANCE_QUEUE},
         WAKE_ACCOUNT_TASK: {"queue": MAINTENANCE_QUEUE},
         RETRY_TASK: {"queue": MAINTENANCE_QUEUE},

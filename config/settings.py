@@ -142,8 +142,6 @@ class Settings:
     #: Largest backoff cap of the provider's retries.
     backup_retry_max_s: float = 600.0
     backup_timeout_s: float = 15.0
-    #: HTTP timeout of an incident notice's webhook.
-    notify_timeout_s: float = 10.0
     log_json: bool = False
     var_dir: Path = DEFAULT_VAR_DIR
     #: The exporter (`outbox metrics`) names at most this many accounts per metric; the
@@ -284,7 +282,6 @@ class Settings:
                 "OUTBOX_BACKUP_RETRY_MAX",
                 min(600.0, _duration(env, "OUTBOX_RETRY_MAX", 7200.0)),
             ),
-            notify_timeout_s=_duration(env, "OUTBOX_NOTIFY_TIMEOUT", 10.0),
             backup_timeout_s=_duration(env, "OUTBOX_BACKUP_TIMEOUT", 15.0),
             log_json=_bool(env, "OUTBOX_LOG_JSON"),
             var_dir=var_dir,

@@ -1,4 +1,5 @@
-"""`outbox.sweep`, `outbox.notify`, `outbox.wake_account`: the background housekeeping."""
+"""`outbox.sweep`, `outbox.notify`, `outbox.wake_account`, the webhook dispatcher: the
+background housekeeping."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 
 from sqlalchemy.exc import OperationalError
 
-from config.celery import BACKUP_QUEUE, app
+from config.celery import BACKUP_QUEUE, MAINTENANCE_QUEUE, app
 from tasks.delivery import (
     deliver_via_backup,
     drain,
@@ -56,19 +57,25 @@ def sweep() -> dict[str, int]:
     autoretry_for=(OperationalError,),
     retry_backoff=5,
     retry_backoff_max=600,
-    # Retried for the webhooks' retry window: 24 h at the 600 s cap is 144 retries.
+    # The email is retried for about the webhooks' retry window: 24 h at the 600 s cap
+    # is 144 retries. (The webhook is the dispatcher's, retried from the database.)
     max_retries=160,
     bind=True,
 )
 def notify(self: Any, incident_id: int, kind: str) -> str:
-    try:
-        return runtime().notifier().send(int(incident_id), str(kind))
-    except Exception as exc:
+    """Email an incident notice (or log it), and have its webhook posted now."""
+    told = runtime().notifier().send(int(incident_id), str(kind))
+    if told.webhook_due:
+        try:
+            deliver_webhooks.apply_async(queue=MAINTENANCE_QUEUE)
+        except Exception:
+            log.exception("could not start the webhook dispatcher; its next beat will")
+    if told.failed:
         from worker.notify import NoticeFailed
 
-        if isinstance(exc, NoticeFailed):
-            raise self.retry(exc=exc, countdown=min(600, 10 * 2**self.request.retries)) from exc
-        raise
+        exc = NoticeFailed(told.failed)
+        raise self.retry(exc=exc, countdown=min(600, 10 * 2**self.request.retries))
+    return told.outcome
 
 
 @app.task(name=WAKE_ACCOUNT_TASK)

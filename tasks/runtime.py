@@ -129,12 +129,9 @@ class Runtime:
         if self._notifier is None:
             self._notifier = Notifier(
                 self.db,
-                http=httpx.Client(timeout=self.settings.notify_timeout_s),
                 backup=self.backup_provider(),
                 backup_from=self.settings.backup_from,
                 backup_configured=self.settings.backup_provider is not None,
-                poster=self.poster(),
-                decrypt=self.box.decrypt,
             )
         return self._notifier
 
@@ -160,7 +157,8 @@ class Runtime:
         return self._events
 
     def dispatcher(self) -> Dispatcher:
-        """Status events to the webhooks: signed, batched, retried (worker.webhooks)."""
+        """Status events and incident notices to the webhooks: signed, retried
+        (worker.webhooks)."""
         if self._dispatcher is None:
             s = self.settings
             self._dispatcher = Dispatcher(
@@ -172,6 +170,7 @@ class Runtime:
                 window_s=s.events_retry_window_s,
                 # Longer than one POST can take; renewed before each.
                 lease_s=2 * s.events_timeout_s + 5,
+                backup_configured=s.backup_provider is not None,
             )
         return self._dispatcher
 

@@ -54,6 +54,7 @@ TABLES = (
     "maintenance_runs",
     "events",
     "webhook_destinations",
+    "incident_notices",
 )
 
 

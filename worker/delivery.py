@@ -51,6 +51,7 @@ from worker.smtp import SendResult, SmtpAccount, SmtpConnectionPool, TlsMode
 from worker.store import accounts as account_store
 from worker.store import drains
 from worker.store import incidents as incident_store
+from worker.store import notices as notice_store
 from worker.store.db import Database
 from worker.store.messages import (
     AttemptRecord,
@@ -59,7 +60,7 @@ from worker.store.messages import (
     record,
     settle_without_sending,
 )
-from worker.store.models import AttemptOutcome, Channel, MessageStatus
+from worker.store.models import AttemptOutcome, Channel, MessageStatus, NoticeKind
 
 log = logging.getLogger("outbox.delivery")
 
@@ -76,10 +77,18 @@ class Action(StrEnum):
 
 @dataclass(frozen=True)
 class NoticeDue:
-    """An incident notice to send (`outbox.notify`) once the drain's writes committed."""
+    """An incident notice to email (`outbox.notify`) once the drain's writes committed;
+    its webhook row is already written (`notice_due`)."""
 
     incident_id: int
-    kind: str  #: "opened" | "recovered" | "backup"
+    kind: str  #: a `NoticeKind` value
+
+
+def notice_due(session: Session, incident_id: int, kind: str, *, now: datetime) -> NoticeDue:
+    """An incident notice is due: its row, in the transaction of the change that made it
+    due, so the webhook dispatcher posts it even if the `outbox.notify` message is lost."""
+    notice_store.add_notice(session, incident_id, kind, now=now)
+    return NoticeDue(incident_id, str(kind))
 
 
 @dataclass(frozen=True)
@@ -582,7 +591,7 @@ class DeliveryEngine:
             )
             state.incident_id = incident_id
             if opened:
-                notices.append(NoticeDue(incident_id, "opened"))
+                notices.append(notice_due(session, incident_id, NoticeKind.OPENED, now=finished))
         elif state.incident_id is not None and (
             decision.reached_server or decision.status == MessageStatus.SENT.value
         ):
@@ -590,7 +599,7 @@ class DeliveryEngine:
             state.incident_id = None
             state.probing = False
             if closed is not None:
-                notices.append(NoticeDue(closed, "recovered"))
+                notices.append(notice_due(session, closed, NoticeKind.RECOVERED, now=finished))
                 # Mail that waited behind the incident goes out now, with this drain.
                 account_store.wake_account(session, account_id, now=finished)
 

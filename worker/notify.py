@@ -1,8 +1,11 @@
 """Telling an account that its SMTP setup is failing, recovered, or was bypassed.
 
-One notice per event per incident: the `outbox.notify` task claims the event's column
-(`notified_at`, `backup_notified_at`, `recovery_notified_at`) before sending, so
-however many mails fail, the account hears about it once.
+One notice per event per incident, two channels. The webhook: a row in
+`incident_notices`, written with the incident's change and posted by the webhook
+dispatcher (worker.webhooks), signed and retried like the events. The email (through the
+backup provider) or, with neither configured, the log: the `outbox.notify` task claims
+the event's column (`notified_at`, `backup_notified_at`, `recovery_notified_at`) before
+sending, so however many mails fail, the account hears about it once.
 """
 
 from __future__ import annotations
@@ -11,16 +14,14 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 from sqlalchemy.orm import Session
 
 from worker.message import OutgoingEmail
 from worker.replies import Reply, Verdict, classify, parse_reply
 from worker.store.incidents import NOTICE_COLUMNS, claim_notice, notice_subject, unclaim_notice
+from worker.store.notices import add_notice
 
 log = logging.getLogger("outbox.notify")
-
-#: Which incident column records that a kind of notice went out.
 
 
 class NoticeFailed(Exception):
@@ -129,12 +130,6 @@ def build_notice(
     )
 
 
-def post_webhook(url: str, payload: dict[str, Any], *, client: httpx.Client) -> None:
-    response = client.post(url, json=payload, headers={"User-Agent": "outbox-notify/1"})
-    if response.status_code >= 300:
-        raise NoticeFailed(f"webhook {url} answered {response.status_code}")
-
-
 def notice_email(notice: Notice, *, from_addr: str, message_id: str) -> OutgoingEmail:
     assert notice.email
     return OutgoingEmail(
@@ -146,29 +141,33 @@ def notice_email(notice: Notice, *, from_addr: str, message_id: str) -> Outgoing
     )
 
 
+@dataclass(frozen=True)
+class Told:
+    """What `Notifier.send` did, for the task to act on."""
+
+    outcome: str  #: "sent", "already sent", "no such incident", "failed"
+    #: The notice has a webhook to post: the dispatcher should run now, not at its next beat.
+    webhook_due: bool = False
+    #: The email could not be sent (why); its claim was given back: retry the task.
+    failed: str | None = None
+
+
 class Notifier:
-    """Sends incident notices: a JSON POST to the webhook, an email via the backup."""
+    """The `outbox.notify` side of a notice: makes sure its webhook row exists (the
+    dispatcher posts it) and emails it through the backup provider, or logs it."""
 
     def __init__(
         self,
         db: Any,
         *,
-        http: httpx.Client,
         backup: Any = None,
         backup_from: str | None = None,
         backup_configured: bool | None = None,
         clock: Any = None,
-        poster: Any = None,
-        decrypt: Any = None,
     ) -> None:
         from worker.clock import utcnow
 
-        #: A worker.webhooks.Poster: signed, SSRF-guarded, no redirects (None: unsigned).
-        self.poster = poster
-        self.decrypt = decrypt
-
         self.db = db
-        self.http = http
         self.backup = backup
         self.backup_from = backup_from
         #: Whether mail past the window goes to a backup (default: a provider is given).
@@ -177,92 +176,48 @@ class Notifier:
         )
         self.clock = clock or utcnow
 
-    def send(self, incident_id: int, kind: str) -> str:
+    def send(self, incident_id: int, kind: str) -> Told:
         if kind not in NOTICE_COLUMNS:
             raise ValueError(f"unknown notice kind {kind!r}")
         with self.db.session() as session:
             if not claim_notice(session, incident_id, kind, now=self.clock()):
-                return "already sent"
+                return Told("already sent")
+            # The drain wrote it with the incident's change; a message published by an
+            # earlier release (no rows then) writes it here, so its webhook still goes.
+            add_notice(session, incident_id, kind, now=self.clock())
             notice = build_notice(
                 session, incident_id, kind, backup_configured=self.backup_configured
             )
         if notice is None:
-            return "no such incident"
+            return Told("no such incident")
+        webhook_due = notice.webhook is not None
         try:
             how = self._deliver(notice, incident_id)
         except Exception as exc:
             with self.db.session() as session:
                 unclaim_notice(session, incident_id, kind)
-            raise NoticeFailed(f"{kind} notice for {notice.account} failed: {exc}") from exc
-        log.info(
-            "account %s was told %s (%s)",
-            notice.account,
-            TOLD[kind],
-            how,
-            extra={
-                "event": "notice",
-                "kind": kind,
-                "account": notice.account,
-                "incident_id": incident_id,
-            },
-        )
-        return "sent"
-
-    def _post_signed(self, notice: Notice, incident_id: int) -> str:
-        """The notice as a signed webhook (the events' headers and guard); a 410 is
-        an operator alert and no retry, any other failure is retried by the task."""
-        import json
-
-        assert notice.webhook and self.poster is not None
-        secrets = None
-        if notice.secret_encrypted and self.decrypt is not None:
-            secrets = [self.decrypt(notice.secret_encrypted)]
-        result = self.poster.post(
-            notice.webhook,
-            json.dumps(notice.payload, separators=(",", ":")).encode(),
-            webhook_id=f"msg_incident_{incident_id}_{notice.kind}",
-            secrets=secrets,
-        )
-        if result.gone:
-            log.error(
-                "notice webhook %s of %s answered 410 Gone: not retried; set "
-                "--notify-webhook again or remove it",
-                notice.webhook,
+            why = f"{kind} notice for {notice.account} failed: {exc}"
+            return Told("failed", webhook_due=webhook_due, failed=why)
+        if how:
+            log.info(
+                "account %s was told %s (%s)",
                 notice.account,
-                extra={"event": "webhook_disabled", "account": notice.account},
+                TOLD[kind],
+                how,
+                extra={
+                    "event": "notice",
+                    "kind": kind,
+                    "account": notice.account,
+                    "incident_id": incident_id,
+                },
             )
-            return "not by webhook (410 Gone)"
-        if not result.ok:
-            raise NoticeFailed(f"webhook {notice.webhook} {result.error}")
-        return "by webhook"
+        return Told("sent", webhook_due=webhook_due)
 
     def _deliver(self, notice: Notice, incident_id: int) -> str:
-        """Send the notice every way the account has; says which ways, for the log."""
-        ways = []
-        if notice.webhook:
-            if self.poster is not None:
-                ways.append(self._post_signed(notice, incident_id))
-            else:
-                post_webhook(notice.webhook, notice.payload, client=self.http)
-                ways.append("by webhook")
+        """Email the notice, or log it; says how, for the log ("": only its webhook,
+        which the dispatcher logs when it posts it)."""
         if notice.email:
-            if self.backup is not None and self.backup_from:
-                from worker.backup import BackupOutcome
-
-                result = self.backup.send(
-                    notice_email(
-                        notice,
-                        from_addr=self.backup_from,
-                        message_id=f"<incident-{incident_id}-{notice.kind}@outbox>",
-                    ),
-                    from_addr=self.backup_from,
-                    reply_to=None,
-                )
-                if result.outcome is not BackupOutcome.SENT:
-                    raise NoticeFailed(result.explanation)
-                ways.append(f"by email to {notice.email}")
-            else:
-                ways.append("in this log: no backup provider to email it")
+            if self.backup is None or not self.backup_from:
                 log.warning(
                     "notice for %s (to %s, no backup provider to email it): %s",
                     notice.account,
@@ -270,12 +225,27 @@ class Notifier:
                     notice.text,
                     extra={"event": "notice_logged", "account": notice.account},
                 )
-        if not notice.webhook and not notice.email:
+                return "in this log: no backup provider to email it"
+            from worker.backup import BackupOutcome
+
+            result = self.backup.send(
+                notice_email(
+                    notice,
+                    from_addr=self.backup_from,
+                    message_id=f"<incident-{incident_id}-{notice.kind}@outbox>",
+                ),
+                from_addr=self.backup_from,
+                reply_to=None,
+            )
+            if result.outcome is not BackupOutcome.SENT:
+                raise NoticeFailed(result.explanation)
+            return f"by email to {notice.email}"
+        if not notice.webhook:
             log.warning(
                 "notice for %s (no webhook or email configured): %s",
                 notice.account,
                 notice.text,
                 extra={"event": "notice_logged", "account": notice.account},
             )
-            ways.append("in this log: no webhook or email configured")
-        return " and ".join(ways)
+            return "in this log: no webhook or email configured"
+        return ""

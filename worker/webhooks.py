@@ -7,6 +7,11 @@ the next one posts the same batch with the same `webhook-id`. A failing destinat
 retried with exponential backoff until OUTBOX_EVENTS_RETRY_WINDOW has passed since it
 started failing; then, or at once on `410 Gone`, it is disabled with an operator alert,
 and its events wait in the table until the webhook is set again.
+
+Incident notices to an account's `notify_webhook` travel the same way, one row each
+(worker.store.notices): posted signed through the same `Poster`, retried with the same
+backoff for the same window, given up on `410 Gone` or at the window's end with the same
+alert; a notice is marked only after the 2xx, so a lost broker message loses nothing.
 """
 
 from __future__ import annotations
@@ -25,6 +30,9 @@ from urllib.parse import urlsplit
 import httpx
 
 from worker.clock import Clock, utcnow
+from worker.crypto import SecretKeyError
+from worker.notify import TOLD, Notice, build_notice
+from worker.store import notices as notice_store
 from worker.store import webhooks as store
 from worker.store.db import Database
 from worker.webhook_signing import sign
@@ -51,6 +59,44 @@ def retry_delay_s(
     if failures < 1:
         raise ValueError("failures must be >= 1")
     return min(max_s, base_s * 4 ** min(failures - 1, 32))
+
+
+@dataclass(frozen=True)
+class AfterFailure:
+    """What follows a failed POST: when to try again, or why never again."""
+
+    #: Failed POSTs in a row, this one included.
+    failures: int
+    #: The first failure of the run: the retry window's start.
+    failing_since: datetime
+    next_try_at: datetime | None
+    #: Set when there is no next try: 410 Gone, or the retry window is over.
+    give_up: str | None
+
+
+def after_failure(
+    *,
+    gone: bool,
+    failures: int,
+    failing_since: datetime | None,
+    now: datetime,
+    window_s: float,
+    what: str,
+) -> AfterFailure:
+    """The one rule for a failing webhook, of events or of notices: ``failures`` in a row
+    before this one, ``failing_since`` (None: this is the first); ``what`` the receiver
+    gets, for the 410 reason. Backoff as `retry_delay_s`, until ``window_s`` since the
+    first failure has passed; on 410 Gone at once."""
+    since = failing_since or now
+    failures += 1
+    if gone:
+        reason = f"410 Gone: the receiver asked for no more {what}"
+    elif (now - since).total_seconds() >= window_s:
+        reason = f"failing for the whole retry window ({window_s / 3600:g} h)"
+    else:
+        next_try = now + timedelta(seconds=retry_delay_s(failures=failures))
+        return AfterFailure(failures, since, next_try, None)
+    return AfterFailure(failures, since, None, reason)
 
 
 def resolve(host: str, port: int) -> list[str]:
@@ -166,6 +212,11 @@ def webhook_id(first_event_id: str, last_event_id: str, count: int) -> str:
     return f"msg_{digest[:32]}"
 
 
+def notice_webhook_id(incident_id: int, kind: str) -> str:
+    """One id per notice, the same at every retry (and as before notices had rows)."""
+    return f"msg_incident_{incident_id}_{kind}"
+
+
 def body_of(events: list[dict[str, Any]]) -> bytes:
     return json.dumps(
         {"type": "outbox.events", "version": BODY_VERSION, "events": events},
@@ -188,6 +239,7 @@ class Dispatcher:
         window_s: float = 24 * 3600.0,
         lease_s: float = 35.0,
         clock: Clock = utcnow,
+        backup_configured: bool = False,
     ) -> None:
         #: How long a dispatcher holds a destination without renewing it (renewed before
         #: each POST; longer than a POST's timeout), so a dead one's is free soon after.
@@ -199,14 +251,19 @@ class Dispatcher:
         self.batch = batch
         self.window_s = window_s
         self.clock = clock
+        #: Whether mail past the window goes to a backup provider: what a notice promises.
+        self.backup_configured = backup_configured
 
-    def run(self, *, max_destinations: int = 100, max_batches: int = 20) -> int:
-        """Deliver what is due; returns how many events were delivered."""
+    def run(
+        self, *, max_destinations: int = 100, max_batches: int = 20, max_notices: int = 100
+    ) -> int:
+        """Deliver what is due: the incident notices first (few, and each one matters to
+        a person), then the events. Returns how many notices and events were delivered."""
+        total = self._post_notices(max_notices=max_notices)
         with self.db.session() as session:
             store.ensure_global(session, self.global_url)
             if not store.any_destination(session):
-                return 0
-        total = 0
+                return total
         served: set[int] = set()
         for _ in range(max_destinations):
             with self.db.session() as session:
@@ -252,56 +309,184 @@ class Dispatcher:
 
     def _failed(self, dest: store.Claimed, result: PostResult) -> None:
         now = self.clock()
-        error = result.error or f"answered {result.status}"
-        since = dest.failing_since or now
-        failures = dest.failures + 1
-        disabled = None
-        next_try: datetime | None = now + timedelta(seconds=retry_delay_s(failures=failures))
-        if result.gone:
-            disabled = "410 Gone: the receiver asked for no more events"
-        elif (now - since).total_seconds() >= self.window_s:
-            disabled = f"failing for the whole retry window ({self.window_s / 3600:g} h)"
-        if disabled:
-            next_try = None
-            log.error(
-                "webhook %s of %s disabled: %s; last error: %s",
-                dest.url,
-                dest.key,
-                disabled,
-                error,
-                extra={"event": "webhook_disabled", "destination": dest.key, "reason": disabled},
-            )
-        else:
-            log.warning(
-                "webhook %s of %s failed (%s); try %d again at %s",
-                dest.url,
-                dest.key,
-                error,
-                failures + 1,
-                next_try.isoformat() if next_try else None,
-                extra={"event": "webhook_failed", "destination": dest.key},
-            )
+        then, error = self._next_step(
+            result,
+            failures=dest.failures,
+            failing_since=dest.failing_since,
+            now=now,
+            what="events",
+            subject=f"webhook {dest.url} of {dest.key}",
+            ends="disabled",
+            extra={"destination": dest.key},
+        )
         with self.db.session() as session:
             store.failed(
                 session,
                 dest.id,
                 error=error,
-                failing_since=since,
-                failures=failures,
-                next_try_at=next_try,
-                disabled_reason=disabled,
+                failing_since=then.failing_since,
+                failures=then.failures,
+                next_try_at=then.next_try_at,
+                disabled_reason=then.give_up,
+                now=now,
+            )
+
+    def _next_step(
+        self,
+        result: PostResult,
+        *,
+        failures: int,
+        failing_since: datetime | None,
+        now: datetime,
+        what: str,
+        subject: str,
+        ends: str,
+        extra: dict[str, Any],
+    ) -> tuple[AfterFailure, str]:
+        """After a failed POST (``subject``: "webhook <url> of <whom>"), when to try again
+        (`after_failure`), logged; at the end (``ends``: "disabled", "given up"), the
+        operator alert. Returns it with the error to record."""
+        error = result.error or f"answered {result.status}"
+        then = after_failure(
+            gone=result.gone,
+            failures=failures,
+            failing_since=failing_since,
+            now=now,
+            window_s=self.window_s,
+            what=what,
+        )
+        if then.give_up:
+            log.error(
+                "%s %s: %s; last error: %s",
+                subject,
+                ends,
+                then.give_up,
+                error,
+                extra={"event": "webhook_disabled", "reason": then.give_up, **extra},
+            )
+        else:
+            log.warning(
+                "%s failed (%s); try %d again at %s",
+                subject,
+                error,
+                then.failures + 1,
+                then.next_try_at.isoformat() if then.next_try_at else None,
+                extra={"event": "webhook_failed", **extra},
+            )
+        return then, error
+
+    def _post_notices(self, *, max_notices: int) -> int:
+        """Post the due incident notices, each once; returns how many were posted."""
+        posted = 0
+        seen: set[int] = set()
+        for _ in range(max_notices):
+            with self.db.session() as session:
+                claimed = notice_store.claim_due_notice(
+                    session, now=self.clock(), lease_s=self.lease_s, skip=seen
+                )
+                if claimed is None:
+                    return posted
+                notice = build_notice(
+                    session,
+                    claimed.incident_id,
+                    claimed.kind,
+                    backup_configured=self.backup_configured,
+                )
+            seen.add(claimed.id)
+            if notice is None or not notice.webhook:
+                # No webhook to post to (removed since, or never set: the notice went
+                # by email or to the log, `outbox.notify`): settled, not a failure.
+                with self.db.session() as session:
+                    notice_store.give_up(
+                        session,
+                        claimed.id,
+                        reason=notice_store.NO_NOTIFY_WEBHOOK,
+                        now=self.clock(),
+                    )
+                continue
+            posted += self._post_notice(claimed, notice)
+        return posted
+
+    def _post_notice(self, claimed: notice_store.ClaimedNotice, notice: Notice) -> int:
+        """One notice, signed like the account's events; 1 if the receiver took it."""
+        assert notice.webhook
+        try:
+            secrets = [self.decrypt(notice.secret_encrypted)] if notice.secret_encrypted else None
+        except SecretKeyError as exc:
+            # A lost or rotated key: retried (the key may come back), then given up with
+            # the alert, rather than failing every dispatcher run from here on.
+            result = PostResult(None, f"the account's events secret: {exc}")
+        else:
+            result = self.poster.post(
+                notice.webhook,
+                json.dumps(notice.payload, separators=(",", ":")).encode(),
+                webhook_id=notice_webhook_id(claimed.incident_id, claimed.kind),
+                secrets=secrets,
+            )
+        if not result.ok:
+            self._notice_failed(claimed, notice, result)
+            return 0
+        with self.db.session() as session:
+            notice_store.posted(session, claimed.id, now=self.clock())
+        log.info(
+            "account %s was told %s (by webhook)",
+            notice.account,
+            TOLD[claimed.kind],
+            extra={
+                "event": "notice",
+                "kind": claimed.kind,
+                "account": notice.account,
+                "incident_id": claimed.incident_id,
+            },
+        )
+        return 1
+
+    def _notice_failed(
+        self, claimed: notice_store.ClaimedNotice, notice: Notice, result: PostResult
+    ) -> None:
+        now = self.clock()
+        then, error = self._next_step(
+            result,
+            failures=claimed.failures,
+            failing_since=claimed.failing_since,
+            now=now,
+            what="notices",
+            subject=(
+                f"notify webhook {notice.webhook} of account {notice.account} (the "
+                f"{claimed.kind} notice of incident {claimed.incident_id})"
+            ),
+            ends="given up",
+            extra={
+                "destination": f"notify:{notice.account}",
+                "account": notice.account,
+                "incident_id": claimed.incident_id,
+                "kind": claimed.kind,
+            },
+        )
+        with self.db.session() as session:
+            notice_store.failed(
+                session,
+                claimed.id,
+                error=error,
+                failing_since=then.failing_since,
+                failures=then.failures,
+                next_try_at=then.next_try_at,
+                given_up_reason=then.give_up,
                 now=now,
             )
 
 
 __all__ = [
     "BODY_VERSION",
+    "AfterFailure",
     "Dispatcher",
     "PostResult",
     "Poster",
     "Refused",
+    "after_failure",
     "body_of",
     "forbidden_address",
+    "notice_webhook_id",
     "resolve",
     "retry_delay_s",
     "webhook_id",

@@ -12,6 +12,7 @@ import pytest
 from standins.accounts import make_account
 from standins.services import wait_until
 from tests.support.cli_runs import outbox_cli, outbox_cli_many
+from tests.support.outbox import wrong_password_account
 from tests.support.webhook import WebhookReceiver
 from worker.clock import utcnow
 from worker.notify import build_notice
@@ -71,16 +72,8 @@ def test_a_notice_without_a_backup_provider_says_the_mail_will_end_failed(
 ):
     assert "OUTBOX_BACKUP_PROVIDER" not in env.values
     with WebhookReceiver() as hook:
-        make_account(
-            db,
-            box,
-            "broken",
-            port=smtp_server.port,
-            smtp_username="acct",
-            password="wrong",
-            tls_mode="starttls",
-            ca_pem=test_ca.ca_pem,
-            notify_webhook=hook.url,
+        wrong_password_account(
+            db, box, smtp_server, test_ca.ca_pem, "broken", notify_webhook=hook.url
         )
         worker = start_worker()
         env.client(db).enqueue(account="broken", to=["bob@example.com"], subject="x", text="y")

@@ -15,7 +15,14 @@ from sqlalchemy import select
 from standins.accounts import make_account
 from standins.services import wait_until
 from standins.smtp import ScriptedSMTPServer
-from tests.support.outbox import attempts, cli, message, update_account, wait_for_status
+from tests.support.outbox import (
+    attempts,
+    cli,
+    message,
+    update_account,
+    wait_for_status,
+    wrong_password_account,
+)
 from tests.support.webhook import WebhookReceiver
 from worker.store.models import Account, Incident
 
@@ -115,17 +122,7 @@ def test_wrong_password_gives_one_notice_and_fixing_it_sends_everything_at_once(
     fast, db, box, smtp_server, test_ca, start_worker
 ):
     with WebhookReceiver() as hook:
-        make_account(
-            db,
-            box,
-            "acme",
-            port=smtp_server.port,
-            smtp_username="acct",
-            password="wrong",
-            tls_mode="starttls",
-            ca_pem=test_ca.ca_pem,
-            notify_webhook=hook.url,
-        )
+        wrong_password_account(db, box, smtp_server, test_ca.ca_pem, notify_webhook=hook.url)
         start_worker()
         client = fast.client(db)
         ids = [

@@ -6,20 +6,26 @@ from __future__ import annotations
 import base64
 import json
 import logging
+from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from celery import Celery
+from sqlalchemy import select, update
 
 from standins.accounts import make_account
 from standins.services import flush_redis, wait_until
-from tests.support.outbox import cli, wait_for_status
+from tests.support.outbox import cli, wait_for_status, wrong_password_account
 from tests.support.signed_webhook import SignedReceiver
 from worker.clock import utcnow
 from worker.crypto import SecretBox
+from worker.store import migrate
 from worker.store.db import Database
-from worker.store.models import WebhookDestination
+from worker.store.models import Account, Incident, IncidentNotice, WebhookDestination
+from worker.store.notices import notice_webhooks
 from worker.store.webhooks import set_account_webhook
 from worker.webhooks import Dispatcher, Poster
 
@@ -404,33 +410,291 @@ def test_kill_9_while_delivering_and_a_flushed_broker_lose_no_event(env, db, box
         assert len(mids) == 60
 
 
-def test_incident_notices_are_signed_guarded_and_410_is_an_alert(db, box, receiver, caplog):
-    from worker.notify import Notice, NoticeFailed, Notifier
+# Incident notices: rows in incident_notices, posted by the same dispatcher.
 
-    notice = Notice(
-        kind="opened",
-        account="acme",
-        payload={"event": "smtp_incident.opened", "account": "acme"},
-        subject="s",
-        text="t",
-        webhook=receiver.url,
-        email=None,
-        secret_encrypted=box.encrypt(SECRET),
+AUTH_FAILED = "535 5.7.8 Authentication credentials invalid"
+
+
+def notify_account(db: Database, box: SecretBox, url: str, *, own_secret: bool = True) -> int:
+    """An account whose notices go to ``url``, signed with its own events secret (the
+    dispatcher's global secret is then another one: a verified POST proves which)."""
+    account_id = make_account(db, box, "acme", port=2525, tls_mode="none", notify_webhook=url)
+    if own_secret:
+        with db.session() as session:
+            session.execute(
+                update(Account)
+                .where(Account.id == account_id)
+                .values(events_secret_encrypted=box.encrypt(SECRET))
+            )
+    return account_id
+
+
+def incident_with_notice(
+    db: Database, account_id: int, clock: Clock, *, kind: str = "opened", row: bool = True
+) -> int:
+    """An open incident, its notice written as the drain writes it (``row``: False, as an
+    incident of the previous release, which had no notice rows)."""
+    from worker.delivery import notice_due
+
+    with db.session() as session:
+        incident = Incident(
+            account_id=account_id,
+            opened_at=clock(),
+            verdict="account",
+            reason="login refused",
+            last_code=535,
+            last_enhanced="5.7.8",
+            last_reply=AUTH_FAILED,
+        )
+        session.add(incident)
+        session.flush()
+        if row:
+            notice_due(session, incident.id, kind, now=clock())
+        return incident.id
+
+
+def notice_row(db: Database, incident_id: int, kind: str = "opened") -> IncidentNotice:
+    with db.session() as session:
+        row = session.scalars(
+            select(IncidentNotice).where(
+                IncidentNotice.incident_id == incident_id, IncidentNotice.kind == kind
+            )
+        ).one()
+        session.expunge(row)
+        return row
+
+
+def notices_posted(receiver: SignedReceiver, kind: str = "opened") -> list[dict[str, Any]]:
+    """Bodies of the notice POSTs the receiver verified and answered 2xx."""
+    return [
+        p["body"]
+        for p in receiver.posts
+        if 200 <= p["answer"] < 300
+        and p["body"]
+        and p["body"].get("event") == f"smtp_incident.{kind}"
+    ]
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def any_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+    """The test's PostgreSQL database, or the embedded default: SQLite, migrated."""
+    if request.param == "postgresql":
+        yield request.getfixturevalue("db")
+        return
+    url = f"sqlite:///{tmp_path / 'outbox.sqlite3'}"
+    migrate.upgrade(url)
+    sqlite = Database(url)
+    yield sqlite
+    sqlite.dispose()
+
+
+def test_a_notice_answered_500_500_then_200_arrives_once_signed_after_5_and_20_s(
+    any_db, box, receiver, caplog
+):
+    db = any_db
+    account_id = notify_account(db, box, receiver.url)
+    clock = Clock()
+    incident_id = incident_with_notice(db, account_id, clock)
+    d = dispatcher(db, box, clock, secrets=[OLD_SECRET])  # the account's secret must sign
+    receiver.script = [500, 500]
+
+    delays = []
+    for _ in range(2):
+        assert d.run() == 0
+        row = notice_row(db, incident_id)
+        delays.append((row.next_try_at - clock.now).total_seconds())
+        assert d.run() == 0  # not due yet: nothing posted
+        clock.advance(delays[-1])
+    assert delays == [5, 20]
+    assert row.failures == 2 and "500" in (row.last_error or "") and row.posted_at is None
+    with db.session() as session:
+        [hook] = notice_webhooks(session)
+    assert (hook["account"], hook["waiting"], hook["failing"], hook["posted"]) == ("acme", 0, 1, 0)
+    assert hook["failing_since"] == row.failing_since and hook["next_try_at"] == row.next_try_at
+    assert "500" in hook["last_error"]
+    with caplog.at_level(logging.INFO, logger="outbox.webhooks"):
+        assert d.run() == 1
+    assert d.run() == 0
+    clock.advance(86400)
+    assert d.run() == 0
+
+    assert [p["answer"] for p in receiver.posts] == [500, 500, 200]
+    assert all(p["verified"] for p in receiver.posts)
+    assert {p["headers"]["webhook-id"] for p in receiver.posts} == {
+        f"msg_incident_{incident_id}_opened"
+    }
+    [body] = notices_posted(receiver)
+    # The notice's own shape, as receivers know it (not the events' envelope).
+    assert body["account"] == "acme" and body["incident_id"] == incident_id
+    assert body["code"] == 535 and body["verdict"] == "account"
+    assert body["advice"] and body["meaning"] and "message" in body
+    row = notice_row(db, incident_id)
+    assert row.posted_at is not None and row.failures == 2 and row.last_error is None
+    with db.session() as session:
+        [hook] = notice_webhooks(session)
+    assert (hook["waiting"], hook["failing"], hook["posted"], hook["last_error"]) == (0, 0, 1, None)
+    assert hook["last_success_at"] == row.posted_at
+    [told] = [r for r in caplog.records if getattr(r, "event", None) == "notice"]
+    assert told.getMessage() == "account acme was told its SMTP server is failing (by webhook)"
+    assert (told.kind, told.account, told.incident_id) == ("opened", "acme", incident_id)
+
+
+def test_a_notice_answered_410_is_given_up_with_an_alert_and_not_retried(
+    env, db, box, receiver, caplog
+):
+    account_id = notify_account(db, box, receiver.url)
+    clock = Clock()
+    incident_id = incident_with_notice(db, account_id, clock)
+    d = dispatcher(db, box, clock)
+    receiver.script = [410]
+    with caplog.at_level(logging.ERROR, logger="outbox.webhooks"):
+        assert d.run() == 0
+    [alert] = [r for r in caplog.records if getattr(r, "event", None) == "webhook_disabled"]
+    assert alert.levelno == logging.ERROR and alert.account == "acme"
+    assert "notify webhook" in alert.getMessage() and "410" in alert.getMessage()
+    row = notice_row(db, incident_id)
+    assert row.given_up_at is not None and "410" in (row.given_up_reason or "")
+    clock.advance(86400 * 2)
+    assert d.run() == 0
+    assert len(receiver.posts) == 1
+
+    listed = json.loads(cli(env, "events", "webhooks", "--json").stdout)
+    [hook] = [r for r in listed if r["type"] == "notices"]
+    assert hook["account"] == "acme" and hook["url"] == receiver.url
+    assert (hook["waiting"], hook["failing"], hook["given_up"]) == (0, 0, 1)
+    assert "410" in hook["given_up_reason"] and "410" in hook["last_error"]
+
+
+def test_a_notice_failing_for_the_whole_retry_window_is_given_up(env, db, box, receiver, caplog):
+    account_id = notify_account(db, box, receiver.url)
+    clock = Clock()
+    incident_id = incident_with_notice(db, account_id, clock)
+    d = dispatcher(db, box, clock)
+    receiver.status = 500
+    tries = 0
+    while notice_row(db, incident_id).given_up_at is None:
+        with caplog.at_level(logging.WARNING, logger="outbox.webhooks"):
+            d.run()
+        tries += 1
+        if tries == 3:  # failing, as the operator sees it
+            text = cli(env, "events", "webhooks")
+            assert text.returncode == 0, text.stderr
+            assert "acme (notices)" in text.stdout and "1 failing" in text.stdout
+            assert "last error: answered 500" in text.stdout
+            assert max(len(line) for line in text.stdout.splitlines()) <= 80
+        clock.advance(7200)
+        assert tries < 40
+    row = notice_row(db, incident_id)
+    assert "retry window" in (row.given_up_reason or "")
+    assert (clock.now - row.failing_since).total_seconds() >= 86400
+    assert tries >= 12 and len(receiver.posts) == tries
+    assert any(getattr(r, "event", None) == "webhook_disabled" for r in caplog.records)
+    receiver.status = 200
+    clock.advance(86400)
+    assert d.run() == 0 and len(receiver.posts) == tries
+
+
+def test_the_ssrf_guard_refuses_a_notify_webhook_on_a_private_address(db, box, receiver):
+    https_url = receiver.url.replace("http://", "https://").replace("127.0.0.1", "hooks.test")
+    account_id = notify_account(db, box, https_url)
+    clock = Clock()
+    incident_id = incident_with_notice(db, account_id, clock)
+    refused = dispatcher(
+        db, box, clock, allow_private=False, resolver=lambda host, port: ["10.0.0.7"]
     )
+    assert refused.run() == 0
+    row = notice_row(db, incident_id)
+    assert "10.0.0.7" in (row.last_error or "") and "private" in (row.last_error or "")
+    assert row.posted_at is None and row.given_up_at is None and row.failures == 1
+    # Plain http to loopback without the allowance: refused too.
+    with db.session() as session:
+        session.execute(
+            update(Account).where(Account.id == account_id).values(notify_webhook=receiver.url)
+        )
+    clock.advance(5)
+    assert refused.run() == 0
+    assert "plain http" in (notice_row(db, incident_id).last_error or "")
+    assert receiver.posts == []
 
-    def notifier(allow_private: bool = True) -> Notifier:
-        poster = Poster(http=httpx.Client(timeout=5), secrets=[], allow_private=allow_private)
-        return Notifier(db, http=httpx.Client(timeout=5), poster=poster, decrypt=box.decrypt)
 
-    assert notifier()._post_signed(notice, 7) == "by webhook"
-    assert receiver.posts[0]["verified"]
-    assert receiver.posts[0]["body"]["event"] == "smtp_incident.opened"
-    receiver.script = [500, 410]
-    with pytest.raises(NoticeFailed, match="500"):
-        notifier()._post_signed(notice, 7)
-    with caplog.at_level(logging.ERROR, logger="outbox.notify"):
-        assert "410" in notifier()._post_signed(notice, 7)
-    assert any("410" in r.getMessage() for r in caplog.records)
-    with pytest.raises(NoticeFailed, match="plain http"):
-        notifier(allow_private=False)._post_signed(notice, 7)
-    assert len(receiver.posts) == 3
+def test_a_notice_without_a_webhook_is_settled_without_a_post_or_alert(db, box, receiver, caplog):
+    account_id = make_account(db, box, "acme", port=2525, tls_mode="none")
+    clock = Clock()
+    incident_id = incident_with_notice(db, account_id, clock)
+    with caplog.at_level(logging.WARNING, logger="outbox.webhooks"):
+        assert dispatcher(db, box, clock).run() == 0
+    row = notice_row(db, incident_id)
+    assert row.given_up_at is not None and row.given_up_reason == "no notify webhook configured"
+    assert caplog.records == [] and receiver.posts == []
+
+
+def test_a_notice_survives_a_dead_worker_and_a_flushed_broker(
+    env, db, box, smtp_server, test_ca, start_worker
+):
+    with SignedReceiver(SECRET, status=503) as receiver:  # down while the incident opens
+        env.values.update({"OUTBOX_EVENTS_SECRET": SECRET, "OUTBOX_RETRY_BASE": "30"})
+        wrong_password_account(db, box, smtp_server, test_ca.ca_pem, notify_webhook=receiver.url)
+        worker = start_worker()
+        env.client(db).enqueue(account="acme", to=["bob@example.com"], subject="x", text="y")
+        wait_until(lambda: _incident_ids(db), timeout=20, message="the incident to open")
+        [incident_id] = _incident_ids(db)
+        # The notice's row came with the incident, in its transaction.
+        assert notice_row(db, incident_id).posted_at is None
+        wait_until(
+            lambda: notice_row(db, incident_id).failures >= 1,
+            timeout=20,
+            message="the worker's first try, answered 503",
+        )
+        worker.kill9()
+        flush_redis(env.values["OUTBOX_BROKER_URL"])  # no task, no retry left anywhere
+        assert notices_posted(receiver) == []
+
+        receiver.status = 200
+        clock = Clock()
+        clock.advance(3600)  # past the backoff and the dead worker's lease
+        d = dispatcher(db, box, clock)
+        assert d.run() == 1
+        assert d.run() == 0
+        [body] = notices_posted(receiver)
+        assert body["incident_id"] == incident_id and body["code"] == 535
+        assert all(p["verified"] for p in receiver.posts)
+        assert {p["headers"]["webhook-id"] for p in receiver.posts} == {
+            f"msg_incident_{incident_id}_opened"
+        }
+
+
+def _incident_ids(db: Database) -> list[int]:
+    with db.session() as session:
+        return list(session.scalars(select(Incident.id)))
+
+
+def test_an_old_style_notify_message_still_gets_its_webhook_posted_once(
+    env, db, box, receiver, start_worker
+):
+    """An `outbox.notify` published before the upgrade, for an incident of the previous
+    release (no notice row): the task writes the row and the dispatcher posts it."""
+    env.values["OUTBOX_EVENTS_SECRET"] = SECRET
+    account_id = notify_account(db, box, receiver.url, own_secret=False)
+    incident_id = incident_with_notice(db, account_id, Clock(), row=False)
+    producer = Celery(broker=env.values["OUTBOX_BROKER_URL"], set_as_current=False)
+    for _ in range(2):  # delivered twice (at least once): told once
+        producer.send_task(
+            "outbox.notify", args=(incident_id, "opened"), queue="outbox.maintenance"
+        )
+    worker = start_worker()
+    wait_until(lambda: notices_posted(receiver), timeout=20, message="the notice")
+    wait_until(
+        lambda: worker.log().count("outbox.notify[") >= 4,  # received and done, twice
+        timeout=20,
+        message="both notify tasks",
+    )
+    assert "'already sent'" in worker.log()
+    dispatcher(db, box, Clock()).run()
+    [body] = notices_posted(receiver)
+    assert body["incident_id"] == incident_id and body["event"] == "smtp_incident.opened"
+    assert len(receiver.posts) == 1 and receiver.posts[0]["verified"]
+    row = notice_row(db, incident_id)
+    assert row.posted_at is not None
+    with db.session() as session:
+        assert session.get(Incident, incident_id).notified_at is not None
+    assert "account acme was told its SMTP server is failing (by webhook)" in worker.log()

@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
+from standins.accounts import make_account
 from standins.services import REPO, wait_until
 from worker.clock import utcnow
 from worker.crypto import SecretBox
@@ -26,6 +27,24 @@ COMPRESSED = {
     "OUTBOX_SMTP_TIMEOUT": "1",
     "OUTBOX_LEASE": "6",
 }
+
+
+def wrong_password_account(
+    db: Database, box: SecretBox, server: Any, ca_pem: str, name: str = "acme", **changes: Any
+) -> int:
+    """An account on the `smtp_server` fixture (STARTTLS, AUTH) with the wrong password:
+    the server answers 535 and an incident opens on the account."""
+    return make_account(
+        db,
+        box,
+        name,
+        port=server.port,
+        smtp_username="acct",
+        password="wrong",
+        tls_mode="starttls",
+        ca_pem=ca_pem,
+        **changes,
+    )
 
 
 def update_account(db: Database, box: SecretBox, name: str, **changes: Any) -> Any:

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import base64
 import itertools
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from config.settings import Settings, SettingsError
 from tests.support.signed_webhook import spec_verify
 from worker.webhook_signing import SignatureError, secret_problem, sign, url_problem, verify
-from worker.webhooks import forbidden_address, retry_delay_s, webhook_id
+from worker.webhooks import (
+    after_failure,
+    forbidden_address,
+    notice_webhook_id,
+    retry_delay_s,
+    webhook_id,
+)
 
 # The example of the Standard Webhooks reference libraries.
 SPEC_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -112,6 +119,49 @@ def test_backoff_grows_to_its_cap() -> None:
 
 def test_webhook_id_is_stable_per_batch() -> None:
     assert webhook_id("a", "b", 2) == webhook_id("a", "b", 2) != webhook_id("a", "c", 2)
+
+
+def test_a_notices_webhook_id_is_the_same_at_every_try() -> None:
+    assert notice_webhook_id(7, "opened") == "msg_incident_7_opened"
+    assert notice_webhook_id(7, "opened") != notice_webhook_id(7, "recovered")
+
+
+T0 = datetime(2026, 12, 3, 10, 0, tzinfo=UTC)
+
+
+def test_after_a_failure_the_next_try_backs_off_from_the_first_failure() -> None:
+    first = after_failure(
+        gone=False, failures=0, failing_since=None, now=T0, window_s=86400, what="notices"
+    )
+    assert (first.failures, first.failing_since, first.give_up) == (1, T0, None)
+    assert first.next_try_at == T0 + timedelta(seconds=5)
+    later = T0 + timedelta(seconds=5)
+    second = after_failure(
+        gone=False, failures=1, failing_since=T0, now=later, window_s=86400, what="notices"
+    )
+    assert second.failing_since == T0 and second.next_try_at == later + timedelta(seconds=20)
+
+
+def test_410_or_the_windows_end_gives_up() -> None:
+    gone = after_failure(
+        gone=True, failures=0, failing_since=None, now=T0, window_s=86400, what="notices"
+    )
+    assert gone.next_try_at is None and gone.give_up
+    assert "410" in gone.give_up and "notices" in gone.give_up
+    end = T0 + timedelta(hours=24)
+    over = after_failure(
+        gone=False, failures=14, failing_since=T0, now=end, window_s=86400, what="events"
+    )
+    assert over.next_try_at is None and "retry window (24 h)" in (over.give_up or "")
+    just_before = after_failure(
+        gone=False,
+        failures=14,
+        failing_since=T0,
+        now=end - timedelta(seconds=1),
+        window_s=86400,
+        what="events",
+    )
+    assert just_before.give_up is None and just_before.failures == 15
 
 
 def _env(**values: str) -> dict[str, str]:

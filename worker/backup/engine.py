@@ -20,7 +20,7 @@ from worker.backoff import backoff_delay_s
 from worker.backup import BackupOutcome, BackupProvider, BackupResult, backup_sender
 from worker.clock import Clock, utcnow
 from worker.decide import backup_recipient_result, broker_countdown
-from worker.delivery import Action, NoticeDue, envelope_address
+from worker.delivery import Action, NoticeDue, envelope_address, notice_due
 from worker.events import backup_event
 from worker.message import OutgoingEmail
 from worker.store.accounts import account_by_id
@@ -36,7 +36,7 @@ from worker.store.messages import (
     record,
     release,
 )
-from worker.store.models import AttemptOutcome, Channel, EventType, MessageStatus
+from worker.store.models import AttemptOutcome, Channel, EventType, MessageStatus, NoticeKind
 from worker.store.sweep import NO_PROVIDER
 
 log = logging.getLogger("outbox.backup")
@@ -253,7 +253,7 @@ class BackupEngine:
             )
             to_notify = count_backup_delivery(session, got.account_id)
             if to_notify is not None:
-                notices.append(NoticeDue(to_notify, "backup"))
+                notices.append(notice_due(session, to_notify, NoticeKind.BACKUP, now=finished))
             return BackupStep(
                 got.id, Action.SENT, detail=f"sent via {result.provider}", notices=tuple(notices)
             )

@@ -129,19 +129,24 @@ def redeliver(ctx: Context, message_id: int, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead.")
 @pass_ctx
 def webhooks(ctx: Context, as_json: bool) -> None:
-    """Webhook destinations: state, last error, events behind."""
+    """Events webhooks and notify webhooks: state, errors, backlog.
+
+    The events' destinations first, then each account's notify webhook (incident
+    notices): waiting, failing, given up, posted."""
+    from worker.store.notices import notice_webhooks
     from worker.store.webhooks import destinations
 
     with ctx.db.session() as session:
-        rows = destinations(session)
+        rows = [{"type": "events", **r} for r in destinations(session)]
+        notices = [{"type": "notices", **r} for r in notice_webhooks(session)]
     if as_json:
-        emit_json(rows)
+        emit_json(rows + notices)
         return
     for r in rows:
         state = (
             f"DISABLED ({r['disabled_reason']})"
             if r["disabled_at"]
-            else f"failing since {r['failing_since']:%m-%d %H:%M}, next {r['next_try_at']:%H:%M:%S}"
+            else _failing(r)
             if r["failing_since"]
             else "ok"
         )
@@ -149,8 +154,35 @@ def webhooks(ctx: Context, as_json: bool) -> None:
         console.print(
             f"  {state}; {r['behind']} behind, {r['delivered']} delivered", highlight=False
         )
-        if r["last_error"]:
-            console.print(f"  last error: {r['last_error'][:66]}", highlight=False)
+        _last_error(r["last_error"])
+    for n in notices:
+        state = _failing(n) if n["failing"] else "ok"
+        console.print(
+            f"{n['account']} (notices)  {n['url'] or 'no notify webhook'}",
+            highlight=False,
+            soft_wrap=False,
+        )
+        console.print(f"  {state}", highlight=False)
+        console.print(
+            f"  {n['waiting']} waiting, {n['failing']} failing, "
+            f"{n['given_up']} given up, {n['posted']} posted",
+            highlight=False,
+        )
+        if n["given_up_reason"]:
+            console.print(f"  given up: {n['given_up_reason'][:68]}", highlight=False)
+        _last_error(n["last_error"])
+
+
+def _failing(row: dict) -> str:
+    """The "failing since ..., next ..." of a destination or a notify webhook."""
+    since, next_try = row["failing_since"], row["next_try_at"]
+    text = f"failing since {since:%m-%d %H:%M}" if since else "failing"
+    return f"{text}, next {next_try:%H:%M:%S}" if next_try else text
+
+
+def _last_error(error: str | None) -> None:
+    if error:
+        console.print(f"  last error: {error[:66]}", highlight=False)
 
 
 COMMANDS = [events]

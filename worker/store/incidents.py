@@ -20,7 +20,8 @@ from worker.store.db import changed_rows
 from worker.store.models import Account, Incident, MessageStatus
 from worker.store.models import Message as MessageRow
 
-#: The incident column that records when each kind of notice went out.
+#: The incident column that records when each kind of notice was emailed (or logged):
+#: `outbox.notify`'s claim. Its webhook's state is its row (worker.store.notices).
 NOTICE_COLUMNS = {
     "opened": "notified_at",
     "backup": "backup_notified_at",
@@ -156,7 +157,8 @@ def reopen_probe(session: Session, account_id: int) -> None:
 
 
 def claim_notice(session: Session, incident_id: int, kind: str, *, now: datetime) -> bool:
-    """Take the one notice of this kind for the incident; False: it is someone else's."""
+    """Take the one email (or log line) of this kind of notice for the incident; False:
+    it is someone else's."""
     column = getattr(Incident, NOTICE_COLUMNS[kind])
     result = session.execute(
         update(Incident)

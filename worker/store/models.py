@@ -417,6 +417,59 @@ class Incident(Base):
     probe_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
+class NoticeKind(StrEnum):
+    """What an incident notice tells its account (the incident column that the email
+    channel claims: `worker.store.incidents.NOTICE_COLUMNS`)."""
+
+    OPENED = "opened"  #: its SMTP server is failing: an incident opened
+    BACKUP = "backup"  #: its mail started going out through the backup provider
+    RECOVERED = "recovered"  #: its SMTP server accepts mail again: the incident closed
+
+
+class IncidentNotice(Base):
+    """An incident notice still to be posted to the account's `notify_webhook`, or how
+    that went. Written in the transaction that opened or closed the incident (or counted
+    its first backup delivery), so a lost broker message never loses a notice; posted by
+    the webhook dispatcher (worker.webhooks) with the events' signing, backoff and
+    retry window. Every notice gets a row; one whose account has no notify webhook when
+    it is due is given up as `NO_NOTIFY_WEBHOOK` (worker.store.notices), without alert."""
+
+    __tablename__ = "incident_notices"
+    __table_args__ = (
+        UniqueConstraint("incident_id", "kind", name="uq_incident_notices_incident_kind"),
+        # What the dispatcher still has to post: only those rows.
+        Index(
+            "ix_incident_notices_due",
+            "next_try_at",
+            postgresql_where=text("posted_at IS NULL AND given_up_at IS NULL"),
+            sqlite_where=text("posted_at IS NULL AND given_up_at IS NULL"),
+        ),
+        CheckConstraint(
+            "kind IN ('opened', 'backup', 'recovered')", name="ck_incident_notices_kind"
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    incident_id: Mapped[int] = mapped_column(ForeignKey("incidents.id", ondelete="CASCADE"))
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
+    #: A `NoticeKind` value.
+    kind: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    #: When the webhook answered 2xx: done.
+    posted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: Failed POSTs in a row, and when the first of them was (the retry window's start).
+    failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    failing_since: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: Not posted again before this time (backoff); None: as soon as a dispatcher runs.
+    next_try_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    #: A dispatcher is posting it until then (one at a time; a dead one's ends).
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: Set on 410 Gone, at the retry window's end, or with no webhook to post to: done.
+    given_up_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    given_up_reason: Mapped[str | None] = mapped_column(String(200))
+
+
 class SmtpSlot(Base):
     """One of an account's `max_connections` SMTP connection permits, across all workers."""
 
