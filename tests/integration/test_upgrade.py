@@ -44,10 +44,14 @@ VALUES (:message_id, 1, 'smtp', :at, :at, 'deferred', 'temporary', 451, '4.7.1',
 """
 
 
-@pytest.fixture(params=["0001", "0003"], ids=["from-0001-per-message", "from-0003-drains"])
+@pytest.fixture(
+    params=["0001", "0003", "0005"],
+    ids=["from-0001-per-message", "from-0003-drains", "from-0005-webhooks"],
+)
 def old_database(request):
     """A database at an earlier migration head: 0001 (one wake-up per message), 0003
-    (the drains and metrics, before status events)."""
+    (the drains and metrics, before status events), 0005 (the previous release: status
+    events and signed webhooks, before incident notices had rows)."""
     url, drop = create_pg_database()
     migrate.upgrade(url, request.param)
     yield url

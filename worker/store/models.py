@@ -312,6 +312,14 @@ class Event(Base):
             postgresql_where=text("hooked_at IS NULL"),
             sqlite_where=text("hooked_at IS NULL"),
         ),
+        # ... and in id order over all accounts, for the global webhook: a batch reads
+        # what is still to post, not every event posted before it (migration 0007).
+        Index(
+            "ix_events_to_hook_by_id",
+            "id",
+            postgresql_where=text("hooked_at IS NULL"),
+            sqlite_where=text("hooked_at IS NULL"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
