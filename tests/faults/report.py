@@ -23,7 +23,16 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_PATH = REPO / "var" / "reliability" / "results.jsonl"
 
-COLUMNS = ("Scenario", "Messages", "Faults injected", "Lost", "Duplicates", "Refusals", "Duration")
+COLUMNS = (
+    "Scenario",
+    "Messages",
+    "Faults injected",
+    "Lost",
+    "Duplicates",
+    "Refusals",
+    "Webhook events lost / copies",
+    "Duration",
+)
 
 
 def report_path() -> Path:
@@ -103,6 +112,13 @@ def _duration(seconds: float) -> str:
     return f"{minutes} min {rest:02d} s"
 
 
+def _events(entry: dict[str, Any]) -> str:
+    """Webhook events lost and extra copies (same id), where the scenario counted them."""
+    if "events_lost" not in entry:
+        return "—"
+    return f"{entry['events_lost']} / {entry.get('event_duplicates', 0)}"
+
+
 def _cell(value: Any) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
@@ -113,7 +129,7 @@ def render(entries: list[dict[str, Any]]) -> str:
         return "_No reliability results recorded yet: run `make test-slow`._\n"
     lines = [
         "| " + " | ".join(COLUMNS) + " |",
-        "|" + "|".join(["---", "---:", "---", "---:", "---:", "---:", "---:"]) + "|",
+        "|" + "|".join(["---", "---:", "---", "---:", "---:", "---:", "---:", "---:"]) + "|",
     ]
     notes: list[str] = []  # each distinct explanation once, numbered in order
     for entry in entries:
@@ -133,6 +149,7 @@ def render(entries: list[dict[str, Any]]) -> str:
                     entry.get("lost", 0),
                     duplicates,
                     entry.get("refusals", 0),
+                    _events(entry),
                     _duration(float(entry.get("duration_s", 0.0))),
                 )
             )

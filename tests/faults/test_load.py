@@ -279,6 +279,7 @@ def test_load_mixed_behaviour_across_50_accounts(env, db, box, start_worker, rel
         "events_written": events.written,
         "events_received": events.received,
         "events_lost": len(events.lost),
+        "event_duplicates": events.duplicates,
         "events_all_in_s": round(events_s, 1),
     }
     print("\nprogress (s, statuses):")

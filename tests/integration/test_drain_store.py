@@ -272,6 +272,35 @@ def test_a_dead_drains_batch_one_interrupted_attempt_the_rest_back_uncounted(sto
     assert [c.id for c in _claim(store, account_id, "next", now=later)] == ids[1:]
 
 
+def test_the_sweeper_leaves_an_attempt_the_worker_recorded_after_all(store, box):
+    """The interrupted attempt is written only where no attempt of that number exists."""
+    account_id = _account(store, box)
+    ids = _enqueue(store, 2)
+    _claim(store, account_id, "dead")
+    now = utcnow()
+    with store.session() as session:  # the attempt's row is there, the message still leased
+        session.add(
+            Attempt(
+                message_id=ids[0],
+                number=1,
+                channel="smtp",
+                started_at=now,
+                finished_at=now,
+                outcome="sent",
+                reply_code=250,
+            )
+        )
+    later = now + timedelta(seconds=LEASE_S + 1)
+    with store.session() as session:
+        _swept, freed = sweep_messages(
+            session, now=later, limit=10, wake_grace_s=60.0, backup_enabled=False
+        )
+    assert freed == {account_id}
+    with store.session() as session:
+        attempts = [(a.message_id, a.number, a.outcome) for a in session.scalars(select(Attempt))]
+    assert attempts == [(ids[0], 1, "sent")]
+
+
 def test_intake_publishes_one_wake_up_per_account_until_a_drain_takes_it(store, box):
     account_id = _account(store, box)
     now = utcnow()

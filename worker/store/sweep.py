@@ -17,13 +17,19 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import bindparam, select, text, update
 from sqlalchemy.orm import Session
 
 from worker.store import drains
 from worker.store.events import EventDraft, append
-from worker.store.models import Attempt, AttemptOutcome, Channel, EventType, MessageStatus
+from worker.store.models import (
+    Attempt,
+    AttemptOutcome,
+    Channel,
+    EventType,
+    MessageStatus,
+    table,
+)
 from worker.store.models import Message as MessageRow
 
 NO_PROVIDER = (
@@ -166,29 +172,33 @@ def next_look_s(waiting_s: float, grace_s: float) -> float:
     return wait
 
 
+#: One statement, no savepoint: if the worker recorded the attempt after all, its record
+#: stands. Text for the reason store.messages gives (ON CONFLICT constructs are compiled
+#: anew on every call); PostgreSQL and SQLite share the syntax.
+_INSERT_INTERRUPTED = text(
+    "INSERT INTO attempts (message_id, number, channel, started_at, finished_at, outcome, "
+    "server_text) VALUES (:message_id, :number, :channel, :started_at, :finished_at, "
+    ":outcome, :server_text) ON CONFLICT (message_id, number) DO NOTHING"
+).bindparams(
+    bindparam("started_at", type_=table(Attempt).c.started_at.type),
+    bindparam("finished_at", type_=table(Attempt).c.finished_at.type),
+)
+
+
 def _record_interrupted(
     session: Session, message_id: int, number: int, lease_until: datetime, now: datetime
 ) -> None:
-    exists = session.scalar(
-        select(Attempt.id).where(Attempt.message_id == message_id, Attempt.number == number)
+    session.execute(
+        _INSERT_INTERRUPTED,
+        {
+            "message_id": message_id,
+            "number": number,
+            "channel": Channel.SMTP.value,
+            # The attempt started at some point of the lease; its end is the last
+            # moment it could have been alive.
+            "started_at": min(lease_until, now),
+            "finished_at": now,
+            "outcome": AttemptOutcome.INTERRUPTED.value,
+            "server_text": INTERRUPTED,
+        },
     )
-    if exists is not None:
-        return
-    try:
-        with session.begin_nested():
-            session.add(
-                Attempt(
-                    message_id=message_id,
-                    number=number,
-                    channel=Channel.SMTP.value,
-                    # The attempt started at some point of the lease; its end is the
-                    # last moment it could have been alive.
-                    started_at=min(lease_until, now),
-                    finished_at=now,
-                    outcome=AttemptOutcome.INTERRUPTED.value,
-                    server_text=INTERRUPTED,
-                )
-            )
-            session.flush()
-    except IntegrityError:
-        pass  # the worker recorded it after all
