@@ -243,7 +243,11 @@ class Bench:
         """Between phases (no worker running): empty tables, empty broker."""
         assert self.worker is None
         with self.db.engine.begin() as conn:
-            conn.execute(text("TRUNCATE events, attempts, attachments, incidents, messages"))
+            conn.execute(
+                text(
+                    "TRUNCATE events, attempts, attachments, incident_notices, incidents, messages"
+                )
+            )
             conn.execute(text("UPDATE smtp_slots SET holder = NULL, expires_at = NULL"))
             conn.execute(
                 text(

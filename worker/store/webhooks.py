@@ -15,12 +15,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, delete, func, or_, select, update
+from sqlalchemy import bindparam, delete, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from worker.store.db import changed_rows
-from worker.store.events import WITH_ACCOUNT_AND_METADATA, event_dict
+from worker.store.events import event_dict
 from worker.store.models import Account, Event, WebhookDestination, table
+from worker.store.models import Message as MessageRow
 
 _EVENTS = table(Event)
 GLOBAL_KEY = "global"
@@ -157,18 +158,64 @@ def claim_next(
     )
 
 
-def _due_query(dest: Claimed) -> Any:
-    query = WITH_ACCOUNT_AND_METADATA.where(
-        _EVENTS.c.hooked_at.is_(None), _EVENTS.c.id >= dest.start_event_id
-    )
+#: A due event as a receiver gets it. The account's name and the caller's metadata are
+#: looked up per returned row (scalar subqueries), not joined: a join lets the planner
+#: start from the accounts and read every waiting event of them before it sorts and
+#: keeps a batch, as it does while a fast-growing table's statistics are stale (the
+#: global webhook's batch then cost 4 ms at 2,000 waiting, not 1).
+_DUE_COLUMNS = (
+    _EVENTS.c.id,
+    _EVENTS.c.event_id,
+    _EVENTS.c.type,
+    _EVENTS.c.message_id,
+    _EVENTS.c.at,
+    _EVENTS.c.seq,
+    _EVENTS.c.data,
+    select(Account.name)
+    .where(Account.id == _EVENTS.c.account_id)
+    .scalar_subquery()
+    .label("account"),
+    select(MessageRow.caller_metadata)
+    .where(MessageRow.id == _EVENTS.c.message_id)
+    .scalar_subquery()
+    .label("caller_metadata"),
+)
+#: The event's account has no webhook of its own: the global one takes its events. A
+#: scalar subquery, checked row by row as the scan goes in id order (an anti-join would
+#: read every waiting event to sort them).
+_NO_OWN_WEBHOOK = (
+    select(Account.events_webhook)
+    .where(Account.id == _EVENTS.c.account_id)
+    .scalar_subquery()
+    .is_(None)
+)
+
+
+def _due_where(dest: Claimed) -> list[Any]:
+    where = [_EVENTS.c.hooked_at.is_(None), _EVENTS.c.id >= dest.start_event_id]
     if dest.account_id is not None:
-        return query.where(_EVENTS.c.account_id == dest.account_id)
-    return query.where(Account.events_webhook.is_(None))
+        return [*where, _EVENTS.c.account_id == dest.account_id]
+    return [*where, _NO_OWN_WEBHOOK]
+
+
+def due_batch(dest: Claimed, *, limit: int) -> Any:
+    """The query of the destination's next batch (tests read its plan)."""
+    return select(*_DUE_COLUMNS).where(*_due_where(dest)).order_by(_EVENTS.c.id).limit(limit)
+
+
+#: For the batch's transaction on PostgreSQL: walk the index in id order and stop at the
+#: batch, rather than read every waiting event and sort them, which the planner prefers
+#: whenever its statistics say the table is small (a table that just filled up quickly:
+#: 3.8 ms a batch at 2,000 waiting, growing with the backlog; 0.3 ms this way).
+_NO_SORT = text("SET LOCAL enable_sort = off")
 
 
 def due_events(session: Session, dest: Claimed, *, limit: int) -> list[DueEvent]:
     """The destination's next batch, oldest first (each message's events in order)."""
-    rows = session.execute(_due_query(dest).order_by(_EVENTS.c.id).limit(limit)).all()
+    conn = session.connection()
+    if conn.dialect.name == "postgresql":
+        conn.execute(_NO_SORT)
+    rows = conn.execute(due_batch(dest, limit=limit)).all()
     return [
         DueEvent(r.id, event_dict(r, account=r.account, metadata=r.caller_metadata)) for r in rows
     ]
@@ -265,7 +312,7 @@ def destinations(session: Session) -> list[dict[str, Any]]:
             dest.id, dest.key, dest.account_id, dest.url, dest.start_event_id, None, 0, None
         )
         behind = session.execute(
-            select(func.count()).select_from(_due_query(claimed).subquery())
+            select(func.count()).select_from(_EVENTS).where(*_due_where(claimed))
         ).scalar_one()
         out.append(
             {
