@@ -303,6 +303,9 @@ def test_cli_sets_shows_and_clears_the_webhook_and_refuses_bad_input(env, db, bo
     env.values["OUTBOX_EVENTS_ALLOW_PRIVATE"] = "0"
     bad = [
         (["--events-webhook", "http://hooks.example.com/x"], None, "events_webhook"),
+        # Incident notices go through the same guard: plain http is refused at the door.
+        (["--notify-webhook", "http://hooks.example.com/n"], None, "notify_webhook"),
+        (["--notify-webhook", "ftp://hooks.example.com/n"], None, "notify_webhook"),
         (
             ["--events-webhook", "https://h.example.com/x", "--events-secret-stdin"],
             "abc",

@@ -114,10 +114,12 @@ def account_set(
             fail(f"events_secret: {problem}", as_json=as_json)
     if no_events_webhook:
         events_webhook = ""
-    if events_webhook:
-        problem = url_problem(events_webhook, allow_private=ctx.settings.events_allow_private)
-        if problem:
-            fail(f"events_webhook: {events_webhook!r} {problem}", as_json=as_json)
+    # Both webhooks are posted to through the same guard: refused here, not at delivery.
+    for field, url in (("events_webhook", events_webhook), ("notify_webhook", notify_webhook)):
+        if url:
+            problem = url_problem(url, allow_private=ctx.settings.events_allow_private)
+            if problem:
+                fail(f"{field}: {url!r} {problem}", as_json=as_json)
     ca_pem = None
     if ca_file:
         with open(ca_file) as f:
