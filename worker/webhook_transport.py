@@ -53,9 +53,16 @@ class GuardedBackend(httpcore.NetworkBackend):
                     f"refused: {host} resolves to {address} ({why}) at connect time; webhooks "
                     "go only to public addresses unless OUTBOX_EVENTS_ALLOW_PRIVATE=1"
                 )
-        return self.inner.connect_tcp(
-            addresses[0], port, timeout, local_address, socket_options=socket_options
-        )
+        failure: Exception | None = None
+        for address in addresses:  # each one checked above; the first that answers
+            try:
+                return self.inner.connect_tcp(
+                    address, port, timeout, local_address, socket_options=socket_options
+                )
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                failure = exc
+        assert failure is not None
+        raise failure
 
     def connect_unix_socket(
         self, path: str, timeout: float | None = None, socket_options: Any = None

@@ -69,6 +69,20 @@ def test_the_connection_goes_to_the_checked_address_with_the_names_host_header(r
     assert post["headers"]["host"] == f"hooks.example.test:{receiver.port}"
 
 
+def test_an_address_that_does_not_answer_is_skipped_for_the_next_one(receiver):
+    client = guarded_client(
+        timeout=5,
+        resolver=lambda host, port: ["127.0.0.2", "127.0.0.1"],
+        check=lambda a: None,
+    )
+    # 127.0.0.2 refuses the receiver's port (it listens on 127.0.0.1 only).
+    result = Poster(http=client, secrets=[SECRET], allow_private=True).post(
+        f"http://hooks.example.test:{receiver.port}/hooks/events", b"{}", webhook_id="msg_3"
+    )
+    assert result.ok, result.error
+    assert len(receiver.posts) == 1
+
+
 def test_a_name_that_does_not_resolve_is_a_connect_error_naming_it():
     def broken(host: str, port: int) -> list[str]:
         raise OSError("Name or service not known")
