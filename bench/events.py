@@ -14,7 +14,6 @@ sender lives with, while one tenant sends steadily (one mail by name every 0.1 s
 
 from __future__ import annotations
 
-import base64
 import statistics
 import time
 from typing import TYPE_CHECKING, Any
@@ -22,11 +21,11 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import text
 
 from bench.harness import log
+from tests.support.event_tally import EVENTS_SECRET, webhook_settings
 
 if TYPE_CHECKING:
     from bench.run import Bench
 
-SECRET = "whsec_" + base64.b64encode(b"bench-events-webhook-key").decode()
 #: The steady sender: one mail by name this often, for this long.
 PACE_S = 0.1
 PACED_FOR_S = 15.0
@@ -87,15 +86,7 @@ def _one_run(
 ) -> tuple[dict[str, Any], list[float]]:
     """`IntakeClient.enqueue_many` of n mails over e0..e9 into a fresh, warm worker; its
     figures, and (webhook on) each event's delay."""
-    extra = (
-        {
-            "OUTBOX_EVENTS_WEBHOOK": receiver.url,
-            "OUTBOX_EVENTS_SECRET": SECRET,
-            "OUTBOX_EVENTS_ALLOW_PRIVATE": "1",
-        }
-        if on
-        else {}
-    )
+    extra = webhook_settings(receiver.url) if on else {}
     bench.reset_state()
     receiver.posts.clear()  # only this run's posts: the emptied tables say since 0
     proc = bench.start_worker(f"outbox-worker-events-{'on' if on else 'off'}", extra_env=extra)
@@ -158,11 +149,7 @@ def _paced(bench: Bench, receiver: Any) -> dict[str, Any]:
     receiver.posts.clear()
     bench.start_worker(
         "outbox-worker-events-paced",
-        extra_env={
-            "OUTBOX_EVENTS_WEBHOOK": receiver.url,
-            "OUTBOX_EVENTS_SECRET": SECRET,
-            "OUTBOX_EVENTS_ALLOW_PRIVATE": "1",
-        },
+        extra_env=webhook_settings(receiver.url),
     )
     try:
         since = bench.max_id()
@@ -199,7 +186,7 @@ def events_phase(bench: Bench) -> None:
         conn.execute(text("DELETE FROM webhook_destinations"))
     runs = []
     bulk_delays: list[float] = []
-    with SignedReceiver(SECRET) as receiver:
+    with SignedReceiver(EVENTS_SECRET) as receiver:
         for on in (False, True, True, False):
             figures, delays = _one_run(bench, receiver, on=on, n=n)
             runs.append(figures)
@@ -221,4 +208,4 @@ def events_phase(bench: Bench) -> None:
     }
 
 
-__all__ = ["SECRET", "events_phase"]
+__all__ = ["events_phase"]

@@ -253,6 +253,8 @@ class Dispatcher:
         self.clock = clock
         #: Whether mail past the window goes to a backup provider: what a notice promises.
         self.backup_configured = backup_configured
+        #: The global destination follows OUTBOX_EVENTS_WEBHOOK, read at start: set once.
+        self._global_ensured = False
 
     def run(
         self, *, max_destinations: int = 100, max_batches: int = 20, max_notices: int = 100
@@ -260,10 +262,10 @@ class Dispatcher:
         """Deliver what is due: the incident notices first (few, and each one matters to
         a person), then the events. Returns how many notices and events were delivered."""
         total = self._post_notices(max_notices=max_notices)
-        with self.db.session() as session:
-            store.ensure_global(session, self.global_url)
-            if not store.any_destination(session):
-                return total
+        if not self._global_ensured:  # the setting is this process's: once is enough
+            with self.db.session() as session:
+                store.ensure_global(session, self.global_url)
+            self._global_ensured = True
         served: set[int] = set()
         for _ in range(max_destinations):
             with self.db.session() as session:

@@ -13,7 +13,8 @@ from sqlalchemy import text
 
 from standins.services import wait_until
 
-#: The faults and load suites' events secret (the receiver checks every signature).
+#: The events secret of the fault and load suites and `make bench` (the receiver checks
+#: every signature).
 EVENTS_SECRET = "whsec_" + base64.b64encode(b"fault-suite-events-secret").decode()
 
 

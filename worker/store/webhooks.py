@@ -116,10 +116,6 @@ def ensure_global(session: Session, url: str | None) -> None:
         _upsert(session, key=GLOBAL_KEY, account_id=None, url=url, from_start=True)
 
 
-def any_destination(session: Session) -> bool:
-    return session.execute(select(WebhookDestination.id).limit(1)).first() is not None
-
-
 def claim_next(
     session: Session,
     *,
@@ -362,7 +358,6 @@ __all__ = [
     "Claimed",
     "DueEvent",
     "account_key",
-    "any_destination",
     "claim_next",
     "delivered",
     "destination_of",
